@@ -1,0 +1,294 @@
+"""Parts shared by every job kind's spec: where the model and data come from, how many GPUs, how to
+distribute, checkpoint and restart, where outputs go, and what platform teams override on pods.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field, StringConstraints
+
+from dhad_api.base import DhadModel, Rule, RuledModel
+
+S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^@\s]*)?$"
+MODEL_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^@\s]*)?|hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?(@[A-Za-z0-9._/-]+)?|/[^\s]*)$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi)?$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+S3Uri = Annotated[str, StringConstraints(pattern=S3_URI, max_length=1024)]
+ModelUri = Annotated[str, StringConstraints(pattern=MODEL_URI, max_length=1024)]
+DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL, min_length=1, max_length=63)]
+Quantity = Annotated[str, StringConstraints(pattern=QUANTITY, max_length=32)]
+ShortText = Annotated[str, StringConstraints(max_length=253)]
+LabelValue = Annotated[str, StringConstraints(max_length=63)]
+AnnotationValue = Annotated[str, StringConstraints(max_length=4096)]
+
+# Env names the operator sets for torchrun and the trainer; a user value would break the wiring.
+RESERVED_ENV = (
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK",
+    "JOB_COMPLETION_INDEX", "DHAD_JOB_FILE", "DHAD_JOB_UID", "DHAD_ATTEMPT", "DHAD_STAGE",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+)
+
+
+class DType(StrEnum):
+    """Weight dtype to load a model in; `auto` takes the checkpoint's own."""
+
+    AUTO = "auto"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class JobKind(StrEnum):
+    """The Dhad job kinds, as `kind` is written in a manifest."""
+
+    PRETRAIN = "PretrainJob"
+    SFT = "SFTJob"
+    RLAIF = "RLAIFJob"
+    EVAL = "EvalJob"
+
+
+class JobReference(DhadModel):
+    """Another Dhad job in the same namespace, whose output model is used once it has Succeeded."""
+
+    kind: JobKind = Field(description="kind is the referenced job's kind: PretrainJob, SFTJob or RLAIFJob. Required.")
+    name: DnsLabel = Field(description="name is the referenced job's name in this namespace. Required.")
+
+
+class ModelSpec(RuledModel):
+    """Where the starting weights and tokenizer come from."""
+
+    uri: ModelUri | None = Field(
+        None,
+        description="uri is the model to start from: s3://bucket/prefix (a Hugging Face folder), hf://org/name"
+        "[@revision], or an absolute path in the container. Exactly one of uri and fromJob must be set.",
+    )
+    from_job: JobReference | None = Field(
+        None,
+        description="fromJob names another Dhad job in this namespace whose outputModel this job starts from; "
+        "the job waits in Pending until that job has Succeeded. Exactly one of uri and fromJob must be set.",
+    )
+    tokenizer: ModelUri | None = Field(
+        None, description="tokenizer is where to load the tokenizer from. Empty means the model's own."
+    )
+    dtype: DType = Field(DType.AUTO, description="dtype is the dtype the weights are loaded in. Default auto.")
+
+    rules = (
+        Rule("has(self.uri) != has(self.fromJob)", "model: set exactly one of uri and fromJob",
+             lambda m: (m.uri is None) != (m.from_job is None)),
+    )
+
+
+class Resources(DhadModel):
+    """The machines one attempt runs on: `nodes` pods, each with `gpusPerNode` GPUs."""
+
+    nodes: int = Field(1, ge=1, le=512, description="nodes is the number of pods (one per node), 1 to 512. Default 1.")
+    gpus_per_node: int = Field(
+        8, ge=0, le=16,
+        description="gpusPerNode is the number of nvidia.com/gpu per pod, 0 to 16; 0 runs on CPU with one "
+        "process per pod. Default 8.",
+    )
+    cpu: Quantity | None = Field(None, description="cpu is the CPU request and limit per pod, a Kubernetes quantity. Empty means none.")
+    memory: Quantity | None = Field(None, description="memory is the memory request and limit per pod, a Kubernetes quantity. Empty means none.")
+    shared_memory: Quantity = Field(
+        "16Gi", description="sharedMemory is the size of the memory-backed /dev/shm per pod. Default 16Gi."
+    )
+
+
+class Strategy(StrEnum):
+    """How the model is spread over processes."""
+
+    DDP = "ddp"
+    DEEPSPEED = "deepspeed"
+    FSDP = "fsdp"
+
+
+class Offload(StrEnum):
+    """What DeepSpeed ZeRO offloads to CPU memory."""
+
+    NONE = "none"
+    OPTIMIZER = "optimizer"
+    OPTIMIZER_AND_PARAMETERS = "optimizer-and-parameters"
+
+
+class Distributed(RuledModel):
+    """Data and model parallelism settings."""
+
+    strategy: Strategy = Field(Strategy.DDP, description="strategy is ddp, deepspeed or fsdp. Default ddp.")
+    zero_stage: int | None = Field(
+        None, ge=1, le=3,
+        description="zeroStage is the DeepSpeed ZeRO stage, 1 to 3; only with strategy deepspeed. Empty means 2.",
+    )
+    offload: Offload = Field(
+        Offload.NONE, description="offload is what ZeRO moves to CPU memory; only with strategy deepspeed. Default none."
+    )
+
+    rules = (
+        Rule("!has(self.zeroStage) || self.strategy == 'deepspeed'", "distributed.zeroStage needs strategy deepspeed",
+             lambda d: d.zero_stage is None or d.strategy == Strategy.DEEPSPEED, ".zeroStage"),
+        Rule("self.offload == 'none' || self.strategy == 'deepspeed'", "distributed.offload needs strategy deepspeed",
+             lambda d: d.offload == Offload.NONE or d.strategy == Strategy.DEEPSPEED, ".offload"),
+        Rule("self.offload != 'optimizer-and-parameters' || (has(self.zeroStage) && self.zeroStage == 3)",
+             "distributed.offload optimizer-and-parameters needs zeroStage 3",
+             lambda d: d.offload != Offload.OPTIMIZER_AND_PARAMETERS or d.zero_stage == 3, ".offload"),
+    )
+
+
+class ResumePolicy(StrEnum):
+    """Whether a new attempt resumes from the newest complete checkpoint."""
+
+    AUTO = "auto"
+    NEVER = "never"
+
+
+class Checkpointing(DhadModel):
+    """When to save checkpoints, how many to keep and where to resume from."""
+
+    interval_steps: int = Field(200, ge=1, le=10_000_000, description="intervalSteps is how often to save, in optimizer steps. Default 200.")
+    keep_last: int = Field(3, ge=1, le=1000, description="keepLast is how many complete checkpoints to keep, at least 1. Default 3.")
+    resume: ResumePolicy = Field(
+        ResumePolicy.AUTO,
+        description="resume is auto (a restarted attempt continues from this job's newest complete checkpoint) "
+        "or never. Default auto.",
+    )
+    resume_from: S3Uri | None = Field(
+        None,
+        description="resumeFrom is an explicit checkpoint (s3://.../checkpoints/step-000200) to start from, "
+        "for example a failed job's, when re-applying it. Empty means this job's own checkpoints only.",
+    )
+
+
+class SecretKeySelector(DhadModel):
+    """A key of a Secret in the job's namespace."""
+
+    name: DnsLabel = Field(description="name is the Secret's name. Required.")
+    key: Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)] = Field(
+        description="key is the key within the Secret. Required."
+    )
+
+
+class StorageSecret(DhadModel):
+    """A Secret holding S3 credentials; its values reach only the trainer pods."""
+
+    name: DnsLabel = Field(description="name is the Secret's name in the job's namespace. Required.")
+    access_key_id_key: ShortText = Field("AWS_ACCESS_KEY_ID", description="accessKeyIdKey is the Secret key of the access key id. Default AWS_ACCESS_KEY_ID.")
+    secret_access_key_key: ShortText = Field(
+        "AWS_SECRET_ACCESS_KEY", description="secretAccessKeyKey is the Secret key of the secret key. Default AWS_SECRET_ACCESS_KEY."
+    )
+
+
+class Storage(DhadModel):
+    """Where checkpoints, the final model and reports are written (any S3 API: MinIO, AWS, GCS)."""
+
+    endpoint: Annotated[str, StringConstraints(pattern=r"^https?://[^/@\s]+/?$", max_length=253)] | None = Field(
+        None, description="endpoint is the S3 API URL, http(s)://host[:port]. Empty means AWS S3 (the SDK default)."
+    )
+    bucket: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")] = Field(
+        description="bucket is the bucket outputs are written to; it must exist. Required."
+    )
+    prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._/-]*$", max_length=512)] = Field(
+        "dhad", description="prefix is the key prefix under the bucket; outputs go to <prefix>/<namespace>/<name>-<uid>/. Default dhad."
+    )
+    region: ShortText = Field("us-east-1", description="region is the S3 region. Default us-east-1.")
+    secret_ref: StorageSecret | None = Field(
+        None,
+        description="secretRef names the Secret with the S3 credentials. Empty means the SDK's default "
+        "credential chain (cloud workload identity). Credentials are never written in the spec.",
+    )
+
+
+class RestartPolicy(DhadModel):
+    """How failed attempts are retried: the whole gang restarts and resumes from a checkpoint."""
+
+    max_restarts: int = Field(3, ge=0, le=100, description="maxRestarts is how many failed attempts are retried; disruptions (preemption, eviction, node drain) do not count. Default 3.")
+    backoff_seconds: int = Field(10, ge=0, le=3600, description="backoffSeconds is the wait before the first restart, doubled after each failure. Default 10.")
+    max_backoff_seconds: int = Field(600, ge=0, le=86400, description="maxBackoffSeconds caps the wait between attempts. Default 600.")
+    no_progress_attempts: int = Field(
+        3, ge=1, le=100,
+        description="noProgressAttempts ends the job as Failed/NoProgress after this many attempts in a row "
+        "without a new checkpoint. Default 3.",
+    )
+    hang_timeout_seconds: int = Field(
+        1800, ge=0, le=604800,
+        description="hangTimeoutSeconds restarts an attempt that reported no progress for this long; 0 disables it. Default 1800.",
+    )
+    unschedulable_timeout_seconds: int = Field(
+        600, ge=0, le=604800,
+        description="unschedulableTimeoutSeconds marks the job Unschedulable (a condition, not a failure) when "
+        "pods stay unschedulable this long; 0 disables it. Default 600.",
+    )
+    avoid_failed_nodes: bool = Field(
+        False, description="avoidFailedNodes keeps the next attempt off the node where a pod failed. Default false."
+    )
+
+
+class SecretEnvSource(DhadModel):
+    """An env value taken from a Secret key."""
+
+    secret_key_ref: SecretKeySelector = Field(description="secretKeyRef selects the Secret key. Required.")
+
+
+class EnvVar(RuledModel):
+    """An environment variable for the trainer container."""
+
+    name: Annotated[str, StringConstraints(pattern=ENV_NAME, max_length=128)] = Field(
+        description="name is the variable name; names the operator sets (MASTER_ADDR, RANK, WORLD_SIZE, AWS_*, DHAD_*) are reserved. Required."
+    )
+    value: Annotated[str, StringConstraints(max_length=4096)] | None = Field(None, description="value is the literal value. Exactly one of value and valueFrom.")
+    value_from: SecretEnvSource | None = Field(None, description="valueFrom takes the value from a Secret key. Exactly one of value and valueFrom.")
+
+    rules = (
+        Rule(f"!(self.name in {list(RESERVED_ENV)})", "env: this name is reserved (set by the operator)",
+             lambda e: e.name not in RESERVED_ENV, ".name"),
+        Rule("has(self.value) != has(self.valueFrom)", "env: set exactly one of value and valueFrom",
+             lambda e: (e.value is None) != (e.value_from is None)),
+        Rule("!has(self.value) || !self.name.matches('(?i)(secret|password|token|api_?key)')",
+             "env: a credential-like name must use valueFrom.secretKeyRef, never an inline value",
+             lambda e: e.value is None or not _looks_secret(e.name), ".value"),
+    )
+
+
+def _looks_secret(name: str) -> bool:
+    import re
+
+    return re.search(r"(?i)(secret|password|token|api_?key)", name) is not None
+
+
+class Toleration(DhadModel):
+    """A Kubernetes toleration, so pods may land on tainted GPU nodes."""
+
+    key: ShortText | None = Field(None, description="key is the taint key; empty with operator Exists matches every taint.")
+    operator: Annotated[str, StringConstraints(pattern=r"^(Exists|Equal)$")] = Field("Equal", description="operator is Exists or Equal. Default Equal.")
+    value: LabelValue | None = Field(None, description="value is the taint value for operator Equal.")
+    effect: Annotated[str, StringConstraints(pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)?$")] | None = Field(
+        None, description="effect is NoSchedule, PreferNoSchedule or NoExecute; empty matches all."
+    )
+    toleration_seconds: int | None = Field(None, ge=0, description="tolerationSeconds bounds how long a NoExecute taint is tolerated. Empty means forever.")
+
+
+class PodOverrides(DhadModel):
+    """What platform teams set on every trainer pod. Kubernetes-typed parts (affinity, volumes,
+    securityContext) are passed through as written and validated by the apiserver when the Job is made.
+    """
+
+    labels: dict[Annotated[str, StringConstraints(max_length=253)], LabelValue] = Field(
+        default_factory=dict, max_length=64, description="labels are added to every pod. Default none."
+    )
+    annotations: dict[Annotated[str, StringConstraints(max_length=253)], AnnotationValue] = Field(
+        default_factory=dict, max_length=64, description="annotations are added to every pod. Default none."
+    )
+    node_selector: dict[Annotated[str, StringConstraints(max_length=253)], LabelValue] = Field(
+        default_factory=dict, max_length=32, description="nodeSelector constrains pods to matching nodes. Default none."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="tolerations let pods onto tainted nodes. Default none.")
+    affinity: dict | None = Field(None, description="affinity is a Kubernetes Affinity, passed through. Empty means none.")
+    volumes: list[dict] = Field(default_factory=list, max_length=32, description="volumes are extra Kubernetes Volumes, passed through. Default none.")
+    volume_mounts: list[dict] = Field(default_factory=list, max_length=32, description="volumeMounts mount extra volumes into the trainer container. Default none.")
+    security_context: dict | None = Field(
+        None, description="securityContext replaces the restricted default container SecurityContext (for RDMA/InfiniBand: IPC_LOCK). Empty means the restricted default."
+    )
+    scheduler_name: ShortText | None = Field(None, description="schedulerName picks a scheduler (for example a gang scheduler). Empty means the default.")
+    priority_class_name: ShortText | None = Field(None, description="priorityClassName sets pod priority for preemption. Empty means none.")

@@ -1,0 +1,157 @@
+"""The four job kinds: their specs (shared parts + typed stage settings) and the kind registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import Field, StringConstraints
+
+from dhad_api.base import DhadModel, Rule, RuledModel
+from dhad_api.common import (
+    Checkpointing,
+    Distributed,
+    EnvVar,
+    JobKind,
+    ModelSpec,
+    PodOverrides,
+    Resources,
+    RestartPolicy,
+    Storage,
+)
+from dhad_api.data_prep import DataPrepSpec
+from dhad_api.stages import (
+    Evaluation,
+    Feedback,
+    PolicyAlgorithm,
+    PolicyStage,
+    PretrainTraining,
+    RewardStage,
+    SFTDataset,
+    SFTTraining,
+    Vocabulary,
+)
+
+GROUP = "dhad.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+IMAGE = r"^[a-z0-9][a-z0-9._/:@-]*$"
+
+
+class JobSpec(RuledModel):
+    """The parts of every job spec."""
+
+    model: ModelSpec = Field(description="model is where the starting weights and tokenizer come from. Required.")
+    resources: Resources = Field(default_factory=Resources, description="resources is nodes x GPUs per attempt. Default 1 node x 8 GPUs.")
+    distributed: Distributed = Field(default_factory=Distributed, description="distributed is the parallelism strategy. Default ddp.")
+    checkpoint: Checkpointing = Field(default_factory=Checkpointing, description="checkpoint is when to save and how to resume. Default every 200 steps, keep 3.")
+    storage: Storage = Field(description="storage is where checkpoints, the model and reports go. Required.")
+    restart_policy: RestartPolicy = Field(default_factory=RestartPolicy, description="restartPolicy bounds gang restarts. Default 3 restarts, 10 s backoff doubling.")
+    suspend: bool = Field(False, description="suspend stops the running pods and keeps checkpoints; false again resumes. The only field that may change after creation. Default false.")
+    queue_name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63)] | None = Field(
+        None, description="queueName is the Kueue LocalQueue; Jobs are created suspended with the kueue.x-k8s.io/queue-name label. Empty means no queueing."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, le=31_536_000,
+        description="ttlSecondsAfterFinished deletes the children (pods, Jobs, Service, ConfigMap) this long after the job finished; the job object stays, so GitOps does not recreate it. Empty means never.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, le=31_536_000,
+        description="activeDeadlineSeconds fails the job this long after its first attempt started, counted over all attempts. Empty means no deadline.",
+    )
+    image: Annotated[str, StringConstraints(pattern=IMAGE, max_length=512)] | None = Field(None, description="image is the trainer image. Empty means the operator's default.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=64, description="env is extra environment for the trainer. Default none.")
+    pod_template: PodOverrides = Field(default_factory=PodOverrides, description="podTemplate holds pod overrides for platform teams. Default none.")
+
+    rules = (
+        Rule("self.env.all(x, self.env.exists_one(y, y.name == x.name))", "env: names must be unique",
+             lambda s: len({e.name for e in s.env}) == len(s.env), ".env"),
+    )
+
+
+class PretrainJobSpec(JobSpec):
+    """Continued pre-training on Arabic text (AceGPT step 1)."""
+
+    data: DataPrepSpec = Field(description="data is the corpus and how to clean, dedup, decontaminate and pack it. Required.")
+    vocabulary: Vocabulary = Field(default_factory=Vocabulary, description="vocabulary optionally adds Arabic tokens first. Default none added.")
+    training: PretrainTraining = Field(default_factory=lambda: PretrainTraining(learning_rate=1e-4), description="training is the optimisation. Default learningRate 1e-4.")
+
+
+class SFTJobSpec(JobSpec):
+    """Supervised fine-tuning on native Arabic instructions (AceGPT step 2)."""
+
+    data: list[SFTDataset] = Field(min_length=1, max_length=32, description="data lists the instruction datasets, mixed by weight. Required.")
+    training: SFTTraining = Field(default_factory=SFTTraining, description="training is the SFT settings. Default SFTTraining's defaults.")
+
+
+class RLAIFJobSpec(JobSpec):
+    """Reinforcement learning from AI feedback (AceGPT step 3): feedback -> reward -> policy."""
+
+    feedback: Feedback = Field(description="feedback samples responses and has the judge compare them. Required.")
+    reward: RewardStage = Field(default_factory=RewardStage, description="reward trains the reward model on the judged pairs. Default RewardStage's defaults.")
+    policy: PolicyStage = Field(default_factory=PolicyStage, description="policy optimises the model against the reward model. Default grpo.")
+
+    rules = JobSpec.rules + (
+        Rule("self.policy.algorithm == 'dpo' || (self.policy.training.microBatchSize * self.policy.training.gradientAccumulationSteps"
+             " * self.resources.nodes * (self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode : 1))"
+             " % self.policy.generationsPerPrompt == 0",
+             "policy: the generation batch (microBatchSize x gradientAccumulationSteps x processes) must be divisible by generationsPerPrompt",
+             lambda s: s.policy.algorithm == PolicyAlgorithm.DPO or (
+                 s.policy.training.micro_batch_size * s.policy.training.gradient_accumulation_steps
+                 * s.resources.nodes * max(s.resources.gpus_per_node, 1)) % s.policy.generations_per_prompt == 0,
+             ".policy.generationsPerPrompt"),
+    )
+
+
+class EvalJobSpec(JobSpec):
+    """Evaluation on the Arabic benchmarks."""
+
+    evaluation: Evaluation = Field(description="evaluation picks suites and scoring. Required.")
+
+
+class ObjectMeta(DhadModel):
+    """The metadata fields the trainer reads (the rest is the apiserver's)."""
+
+    model_config = DhadModel.model_config | {"extra": "ignore"}
+    name: str = ""
+    namespace: str = "default"
+    uid: str = ""
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    kind: JobKind
+    plural: str
+    short_names: tuple[str, ...]
+    spec: type[JobSpec]
+    code: str  # short code in child names: <name>-<code>
+    stages: tuple[str, ...]  # sub-stages, each its own Job, in order
+
+
+KINDS: dict[JobKind, KindInfo] = {
+    JobKind.PRETRAIN: KindInfo(JobKind.PRETRAIN, "pretrainjobs", ("ptj",), PretrainJobSpec, "pt", ("pretrain",)),
+    JobKind.SFT: KindInfo(JobKind.SFT, "sftjobs", ("sftj",), SFTJobSpec, "sft", ("sft",)),
+    JobKind.RLAIF: KindInfo(JobKind.RLAIF, "rlaifjobs", ("rlj",), RLAIFJobSpec, "rl", ("feedback", "reward", "policy")),
+    JobKind.EVAL: KindInfo(JobKind.EVAL, "evaljobs", ("evj",), EvalJobSpec, "ev", ("eval",)),
+}
+
+
+class Job(DhadModel):
+    """A whole job object as the trainer receives it in /etc/dhad/job.json."""
+
+    model_config = DhadModel.model_config | {"extra": "ignore"}
+    api_version: str = API_VERSION
+    kind: JobKind
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: dict
+
+    def typed_spec(self) -> JobSpec:
+        return KINDS[self.kind].spec.model_validate(self.spec)
+
+
+def parse_spec(kind: JobKind | str, spec: dict) -> JobSpec:
+    """Validates a spec dict (camelCase, as stored by the apiserver) into the kind's typed model."""
+    return KINDS[JobKind(kind)].spec.model_validate(spec)
+
+
+__all__ = ["DhadModel", "JobSpec", "PretrainJobSpec", "SFTJobSpec", "RLAIFJobSpec", "EvalJobSpec", "KINDS", "parse_spec"]

@@ -1,0 +1,178 @@
+"""The API contract: examples parse, every field is documented, the CRDs match the models, and any
+spec the CRD schema admits round-trips through the models with defaults applied."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ValidationError
+
+from dhad_api import crd
+from dhad_api.jobs import KINDS, parse_spec
+from dhad_api.naming import MAX_NAME_LENGTH, pod_hostname
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
+
+
+def _models(model: type[BaseModel], seen: set) -> None:
+    if model in seen:
+        return
+    seen.add(model)
+    for field in model.model_fields.values():
+        for arg in _flatten(field.annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                _models(arg, seen)
+
+
+def _flatten(annotation) -> list:
+    import typing
+
+    out = [annotation]
+    for arg in typing.get_args(annotation):
+        out.extend(_flatten(arg))
+    return out
+
+
+def all_models() -> list[type[BaseModel]]:
+    seen: set = set()
+    for info in KINDS.values():
+        _models(info.spec, seen)
+    from dhad_api.status import JobStatus
+
+    _models(JobStatus, seen)
+    return sorted(seen, key=lambda m: m.__name__)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_example_parses_into_its_kind(path):
+    doc = yaml.safe_load(path.read_text())
+    spec = parse_spec(doc["kind"], doc["spec"])
+    assert type(spec) is KINDS[doc["kind"]].spec
+    assert len(doc["metadata"]["name"]) <= MAX_NAME_LENGTH
+
+
+def test_examples_cover_every_kind_in_a_tiny_and_a_gpu_variant():
+    kinds = {(p.parent.name, yaml.safe_load(p.read_text())["kind"]) for p in EXAMPLES}
+    for kind in KINDS:
+        assert ("tiny", kind.value) in kinds and ("gpu", kind.value) in kinds
+
+
+@pytest.mark.parametrize("model", all_models(), ids=lambda m: m.__name__)
+def test_every_field_has_a_description_that_starts_with_its_json_name(model):
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        assert field.description, f"{model.__name__}.{name} has no description"
+        assert field.description.startswith(key + " "), f"{model.__name__}.{name}: description must start with {key!r}"
+
+
+def _walk(schema: dict, path: str):
+    yield path, schema
+    for key, sub in schema.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{key}")
+    if "items" in schema:
+        yield from _walk(schema["items"], path + "[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from _walk(schema["additionalProperties"], path + "{}")
+
+
+@pytest.mark.parametrize("info", KINDS.values(), ids=lambda i: i.kind.value)
+def test_crd_schema_is_structural_and_bounded(info):
+    root = crd.crd(info)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, schema in _walk(root["properties"]["spec"], "spec"):
+        text = yaml.safe_dump(schema)
+        assert "$ref" not in text and "anyOf" not in text and "oneOf" not in text, path
+        if schema.get("type") == "string" and "enum" not in schema:
+            assert "maxLength" in schema, f"{path}: strings need maxLength (CEL cost budget)"
+        if schema.get("type") == "array":
+            assert "maxItems" in schema, f"{path}: lists need maxItems"
+        if path != "spec" and schema.get("x-kubernetes-preserve-unknown-fields"):
+            assert path.startswith("spec.podTemplate."), f"{path}: only Kubernetes pass-through types may be open"
+
+
+def test_committed_crds_match_the_models():
+    for name, text in crd.render_all().items():
+        committed = REPO / "crds" / name
+        assert committed.exists(), f"crds/{name} missing: run python -m dhad_api.crd"
+        assert committed.read_text() == text, f"crds/{name} drifted from api/: run python -m dhad_api.crd"
+    assert sorted(p.name for p in (REPO / "crds").glob("*.yaml")) == sorted(crd.render_all())
+
+
+def test_longest_name_gives_a_63_character_hostname():
+    name = "a" * MAX_NAME_LENGTH
+    assert len(pod_hostname(name, "respond", 9999, 511)) == 63
+
+
+def _is_subset(small, big) -> bool:
+    if isinstance(small, dict):
+        return isinstance(big, dict) and all(k in big and _is_subset(v, big[k]) for k, v in small.items())
+    if isinstance(small, list):
+        return isinstance(big, list) and len(small) == len(big) and all(map(_is_subset, small, big))
+    return small == big
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
+def test_round_trip_keeps_the_input_and_adds_defaults(path):
+    doc = yaml.safe_load(path.read_text())
+    dumped = parse_spec(doc["kind"], doc["spec"]).to_json_dict()
+    assert _is_subset(doc["spec"], dumped)
+    assert parse_spec(doc["kind"], dumped).to_json_dict() == dumped
+
+
+def _from_schema(schema: dict, depth: int = 0) -> st.SearchStrategy:
+    """Values the CRD schema admits (bounded), to check the models accept what the apiserver would."""
+    kind = schema.get("type")
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "integer":
+        low = schema.get("minimum", 0) + (1 if schema.get("exclusiveMinimum") else 0)
+        return st.integers(low, min(schema.get("maximum", low + 1000), low + 1000))
+    if kind == "number":
+        low, high = schema.get("minimum", 0), min(schema.get("maximum", 10), 10)
+        return st.floats(low, high, exclude_min=bool(schema.get("exclusiveMinimum")),
+                         exclude_max=bool(schema.get("exclusiveMaximum")), allow_nan=False)
+    if kind == "string":
+        pattern = schema.get("pattern")
+        limit = schema.get("maxLength", 30)
+        if pattern:
+            return st.from_regex(pattern, fullmatch=True).filter(lambda s: len(s) <= limit and "\n" not in s)
+        return st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=schema.get("minLength", 0), max_size=min(limit, 20))
+    if kind == "array":
+        return st.lists(_from_schema(schema["items"], depth + 1), min_size=schema.get("minItems", 0),
+                        max_size=min(schema.get("maxItems", 2), 2))
+    if kind == "object" and "properties" in schema:
+        required = set(schema.get("required", []))
+        optional = [k for k in schema["properties"] if k not in required]
+        return st.fixed_dictionaries(
+            {k: _from_schema(schema["properties"][k], depth + 1) for k in required},
+            optional={k: _from_schema(schema["properties"][k], depth + 1) for k in optional} if depth < 4 else {},
+        )
+    return st.just({})
+
+
+@pytest.mark.parametrize("info", KINDS.values(), ids=lambda i: i.kind.value)
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck),
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(data=st.data())
+def test_specs_the_schema_admits_round_trip_through_the_models(info, data):
+    root = crd.crd(info)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = data.draw(_from_schema(root["properties"]["spec"]))
+    try:
+        model = parse_spec(info.kind, spec)
+    except ValidationError as error:
+        # Only a cross-field rule (CEL on the apiserver) may reject what the structural schema admits.
+        messages = [e["msg"] for e in error.errors()]
+        rule_messages = {r.message for m in all_models() for r in getattr(m, "rules", ())}
+        assert all(re.sub(r"^Value error, ", "", m) in rule_messages for m in messages), messages
+        assume(False)
+        return
+    dumped = model.to_json_dict()
+    assert _is_subset(spec, dumped)
+    assert parse_spec(info.kind, dumped) == model
