@@ -51,11 +51,16 @@ class JobKind(StrEnum):
     EVAL = "EvalJob"
 
 
-class JobReference(DhadModel):
+class JobReference(RuledModel):
     """Another Dhad job in the same namespace, whose output model is used once it has Succeeded."""
 
-    kind: JobKind = Field(description="kind is the referenced job's kind: PretrainJob, SFTJob or RLAIFJob. Required.")
+    kind: JobKind = Field(description="kind is the referenced job's kind: PretrainJob, SFTJob or RLAIFJob (an EvalJob has no output model). Required.")
     name: DnsLabel = Field(description="name is the referenced job's name in this namespace. Required.")
+
+    rules = (
+        Rule("self.kind != 'EvalJob'", "fromJob: an EvalJob has no output model; reference a PretrainJob, SFTJob or RLAIFJob",
+             lambda r: r.kind != JobKind.EVAL, ".kind"),
+    )
 
 
 class ModelSpec(RuledModel):
