@@ -107,3 +107,29 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
             last_error = error
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last error: {last_error!r}")
+
+
+@pytest.fixture(scope="session")
+def crds_installed(kube) -> list[str]:
+    """Dhad's CRDs from crds/, applied once per session and Established (discovery takes a moment)."""
+    import yaml
+    from kubernetes import client
+
+    ext = client.ApiextensionsV1Api(kube)
+    names = []
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        body = yaml.safe_load(path.read_text())
+        names.append(body["metadata"]["name"])
+        ext.create_custom_resource_definition(body)
+
+    def established() -> bool:
+        return all(
+            any(c.type == "Established" and c.status == "True" for c in ext.read_custom_resource_definition(n).status.conditions or [])
+            for n in names
+        )
+
+    wait_for(established, 60, "Dhad CRDs Established")
+    custom = client.CustomObjectsApi(kube)
+    wait_for(lambda: all(custom.list_cluster_custom_object("dhad.dev", "v1alpha1", n.split(".")[0]) is not None for n in names),
+             60, "Dhad CRDs served")
+    return names

@@ -26,6 +26,7 @@ from dhad_api.stages import (
     PolicyAlgorithm,
     PolicyStage,
     PretrainTraining,
+    Respond,
     RewardStage,
     SFTDataset,
     SFTTraining,
@@ -80,8 +81,18 @@ class PretrainJobSpec(JobSpec):
 class SFTJobSpec(JobSpec):
     """Supervised fine-tuning on native Arabic instructions (AceGPT step 2)."""
 
-    data: list[SFTDataset] = Field(min_length=1, max_length=32, description="data lists the instruction datasets, mixed by weight. Required.")
+    data: list[SFTDataset] = Field(
+        default_factory=list, max_length=32,
+        description="data lists the instruction datasets, mixed by weight; the respond sub-stage's output is added to them. Required unless respond is set.",
+    )
+    respond: Respond | None = Field(None, description="respond first has a teacher answer native Arabic prompts (its own sub-stage) and trains on the result. Empty means train on data only.")
     training: SFTTraining = Field(default_factory=SFTTraining, description="training is the SFT settings. Default SFTTraining's defaults.")
+
+
+    rules = JobSpec.rules + (
+        Rule("size(self.data) > 0 || has(self.respond)", "data: list at least one dataset, or set respond",
+             lambda s: bool(s.data) or s.respond is not None, ".data"),
+    )
 
 
 class RLAIFJobSpec(JobSpec):
@@ -130,20 +141,30 @@ class KindInfo:
 
 KINDS: dict[JobKind, KindInfo] = {
     JobKind.PRETRAIN: KindInfo(JobKind.PRETRAIN, "pretrainjobs", ("ptj",), PretrainJobSpec, "pt", ("pretrain",)),
-    JobKind.SFT: KindInfo(JobKind.SFT, "sftjobs", ("sftj",), SFTJobSpec, "sft", ("sft",)),
+    JobKind.SFT: KindInfo(JobKind.SFT, "sftjobs", ("sftj",), SFTJobSpec, "sft", ("respond", "sft")),
     JobKind.RLAIF: KindInfo(JobKind.RLAIF, "rlaifjobs", ("rlj",), RLAIFJobSpec, "rl", ("feedback", "reward", "policy")),
     JobKind.EVAL: KindInfo(JobKind.EVAL, "evaljobs", ("evj",), EvalJobSpec, "ev", ("eval",)),
 }
 
 
+class Resolved(DhadModel):
+    """What the operator resolved before starting the job (fromJob references, output location)."""
+
+    model_uri: str | None = Field(None, description="modelUri is spec.model.uri, or the referenced job's outputModel.")
+    judge_model_uri: str | None = Field(None, description="judgeModelUri is the judge's model after fromJob.")
+    reward_model_uri: str | None = Field(None, description="rewardModelUri is policy.rewardModel after fromJob.")
+    output_root: str | None = Field(None, description="outputRoot is s3://bucket/prefix/namespace/name-uid.")
+
+
 class Job(DhadModel):
-    """A whole job object as the trainer receives it in /etc/dhad/job.json."""
+    """A whole job object as the trainer receives it in /etc/dhad/job.json (the operator's ConfigMap)."""
 
     model_config = DhadModel.model_config | {"extra": "ignore"}
     api_version: str = API_VERSION
     kind: JobKind
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: dict
+    resolved: Resolved = Field(default_factory=Resolved)
 
     def typed_spec(self) -> JobSpec:
         return KINDS[self.kind].spec.model_validate(self.spec)

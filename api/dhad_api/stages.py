@@ -243,3 +243,39 @@ class Evaluation(RuledModel):
         Rule("self.suites.all(x, self.suites.exists_one(y, y == x))", "evaluation: suites must not repeat",
              lambda e: len(set(e.suites)) == len(e.suites), ".suites"),
     )
+
+
+class Teacher(RuledModel):
+    """The model that answers native Arabic prompts: an HTTP endpoint or a local model."""
+
+    endpoint: Endpoint | None = Field(None, description="endpoint is an OpenAI-compatible teacher. Exactly one of endpoint and model.")
+    model: ModelSpec | None = Field(None, description="model is a local teacher run with transformers (vLLM on GPUs when useVllm). Exactly one of endpoint and model.")
+    use_vllm: bool = Field(False, description="useVllm generates with vLLM on GPUs (local model only). Default false.")
+
+    rules = (
+        Rule("has(self.endpoint) != has(self.model)", "teacher: set exactly one of endpoint and model",
+             lambda t: (t.endpoint is None) != (t.model is None)),
+    )
+
+
+class QualityGates(DhadModel):
+    """Checks every teacher response must pass; rejected rows go to a side file with their reason."""
+
+    min_arabic_ratio: float = Field(0.6, ge=0, le=1, description="minArabicRatio is the least share of letters in Arabic script. Default 0.6.")
+    refusal_patterns: list[Annotated[str, StringConstraints(max_length=256)]] = Field(
+        default_factory=list, max_length=128,
+        description="refusalPatterns are extra regular expressions that mark a refusal, added to Dhad's Arabic and English list. Default none extra.",
+    )
+    drop_truncated: bool = Field(True, description="dropTruncated rejects responses that stopped at the token limit (finish_reason length). Default true.")
+    deduplicate: bool = Field(True, description="deduplicate drops responses identical to an earlier one after normalisation. Default true.")
+
+
+class Respond(DhadModel):
+    """SFT's optional first sub-stage: a teacher answers native Arabic prompts, SFT trains on the result."""
+
+    prompts: list[SFTDataset] = Field(min_length=1, max_length=32, description="prompts are the prompt datasets (schema prompt-completion reads fields.prompt; messages uses all but a final assistant turn). Required.")
+    teacher: Teacher = Field(description="teacher answers the prompts. Required.")
+    system_prompt: LongText | None = Field(None, description="systemPrompt is sent to the teacher before each prompt. Empty means none.")
+    generation: Generation = Field(default_factory=lambda: Generation(temperature=0.7, max_new_tokens=1024), description="generation is the teacher's sampling. Default temperature 0.7, maxNewTokens 1024.")
+    responses_per_prompt: int = Field(1, ge=1, le=16, description="responsesPerPrompt is n, the answers kept per prompt. Default 1.")
+    quality: QualityGates = Field(default_factory=QualityGates, description="quality are the gates each response must pass. Default QualityGates' defaults.")
