@@ -9,6 +9,7 @@ test:  ## the whole test suite (installs the venv and builds the cached control 
 crds:  ## regenerate crds/ and docs/api.md from api/
 	.venv/bin/python -m dhad_api.crd
 	.venv/bin/python -m dhad_api.docs
+	bash hack/sync-chart-crds.sh
 
 lint:
 	.venv/bin/ruff check api operator trainer tests bench

@@ -133,3 +133,13 @@ def crds_installed(kube) -> list[str]:
     wait_for(lambda: all(custom.list_cluster_custom_object("dhad.dev", "v1alpha1", n.split(".")[0]) is not None for n in names),
              60, "Dhad CRDs served")
     return names
+
+
+@pytest.fixture(scope="session")
+def dhad_operator(control_plane, crds_installed, gpu_nodes, tmp_path_factory):
+    """The operator as a subprocess for the whole session (tests that kill it start their own)."""
+    from tests.harness.operator import start_operator
+
+    process = start_operator(control_plane, tmp_path_factory.mktemp("operator"))
+    yield process
+    process.stop()

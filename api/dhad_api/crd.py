@@ -182,8 +182,8 @@ def spec_schema(info: KindInfo) -> dict:
 PRINTER_COLUMNS = [
     {"name": "State", "type": "string", "jsonPath": ".status.state"},
     {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "priority": 1},
-    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
-    {"name": "Total", "type": "integer", "jsonPath": ".status.progress.totalSteps"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent", "description": "percent of total steps"},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1},
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes"},
     {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpusPerNode", "description": "GPUs per node"},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},

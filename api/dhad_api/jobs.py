@@ -153,6 +153,7 @@ class Resolved(DhadModel):
     model_uri: str | None = Field(None, description="modelUri is spec.model.uri, or the referenced job's outputModel.")
     judge_model_uri: str | None = Field(None, description="judgeModelUri is the judge's model after fromJob.")
     reward_model_uri: str | None = Field(None, description="rewardModelUri is policy.rewardModel after fromJob.")
+    teacher_model_uri: str | None = Field(None, description="teacherModelUri is respond.teacher.model after fromJob.")
     output_root: str | None = Field(None, description="outputRoot is s3://bucket/prefix/namespace/name-uid.")
 
 

@@ -1,0 +1,223 @@
+"""Pure renderers: a job object (and what the operator resolved) -> the child manifests it needs.
+
+No API calls here: every function maps inputs to dicts, so they are table-tested without a cluster.
+Names are deterministic (dhad_api.naming), every child carries an ownerReference to the job and the
+labels `dhad.dev/job`, `dhad.dev/kind`, `dhad.dev/stage`, `dhad.dev/attempt`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from dhad_api.jobs import API_VERSION, KINDS, JobSpec, KindInfo, RLAIFJobSpec, SFTJobSpec
+from dhad_api.naming import config_map_name, job_name, master_address, service_name
+from dhad_api.reasons import NAMESPACE_ENV, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
+
+LABEL_JOB = "dhad.dev/job"
+LABEL_KIND = "dhad.dev/kind"
+LABEL_STAGE = "dhad.dev/stage"
+LABEL_ATTEMPT = "dhad.dev/attempt"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+MASTER_PORT = 29500
+JOB_FILE_DIR = "/etc/dhad"
+JOB_FILE = f"{JOB_FILE_DIR}/job.json"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The job object the children belong to."""
+
+    kind: str
+    name: str
+    namespace: str
+    uid: str
+
+    @property
+    def info(self) -> KindInfo:
+        return next(i for i in KINDS.values() if i.kind.value == self.kind)
+
+    def reference(self) -> dict:
+        return {"apiVersion": API_VERSION, "kind": self.kind, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}
+
+    def labels(self) -> dict[str, str]:
+        return {LABEL_JOB: self.name, LABEL_KIND: self.kind}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Operator-wide defaults from its configuration (Helm values)."""
+
+    trainer_image: str = "ghcr.io/dhad/trainer:0.1.0"
+    service_account_tokens: bool = True
+
+
+def _meta(owner: Owner, name: str, extra_labels: dict | None = None) -> dict:
+    return {"name": name, "namespace": owner.namespace, "labels": {**owner.labels(), **(extra_labels or {})},
+            "ownerReferences": [owner.reference()]}
+
+
+def progress_config_map_name(owner: Owner) -> str:
+    return f"{config_map_name(owner.name, owner.info.code)[: -len('-spec')]}-progress"
+
+
+def trainer_service_account_name(owner: Owner) -> str:
+    return f"{owner.name}-{owner.info.code}-trainer"
+
+
+def job_config_map(owner: Owner, spec: JobSpec, resolved: dict) -> dict:
+    """The validated spec (defaults applied) as /etc/dhad/job.json, with what the operator resolved."""
+    document = {"apiVersion": API_VERSION, "kind": owner.kind,
+                "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid},
+                "spec": spec.to_json_dict(), "resolved": resolved}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(owner, config_map_name(owner.name, owner.info.code)),
+            "data": {"job.json": json.dumps(document, ensure_ascii=False, sort_keys=True)}}
+
+
+def headless_service(owner: Owner) -> dict:
+    """Created first: pods resolve `<job>-0.<service>` (the master) even before they are ready."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(owner, service_name(owner.name, owner.info.code)),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": owner.labels(),
+                     "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
+
+
+def progress_objects(owner: Owner) -> list[dict]:
+    """A per-job ConfigMap that only the job's own ServiceAccount may patch (rank 0 reports progress)."""
+    cm, sa = progress_config_map_name(owner), trainer_service_account_name(owner)
+    return [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(owner, cm), "data": {PROGRESS_KEY: "{}"}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(owner, sa)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(owner, sa),
+         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [cm], "verbs": ["get", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(owner, sa),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+         "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": owner.namespace}]},
+    ]
+
+
+def static_children(owner: Owner, spec: JobSpec, resolved: dict) -> list[dict]:
+    """Everything but the Jobs, in creation order (the Service first)."""
+    return [headless_service(owner), job_config_map(owner, spec, resolved), *progress_objects(owner)]
+
+
+def _secret_env(name: str, ref) -> dict:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int) -> list[dict]:
+    storage = spec.storage
+    gpus = spec.resources.gpus_per_node
+    env = [
+        {"name": "MASTER_ADDR", "value": master_address(owner.name, owner.info.code, stage, attempt)},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "NNODES", "value": str(spec.resources.nodes)},
+        {"name": "NPROC_PER_NODE", "value": str(max(gpus, 1))},
+        {"name": "DHAD_STAGE", "value": stage},
+        {"name": "DHAD_ATTEMPT", "value": str(attempt)},
+        {"name": "DHAD_JOB_UID", "value": owner.uid},
+        {"name": NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": PROGRESS_CONFIGMAP_ENV, "value": progress_config_map_name(owner)},
+        {"name": "AWS_REGION", "value": storage.region},
+    ]
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.secret_ref:
+        ref = storage.secret_ref
+        env.append({"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_id_key}}})
+        env.append({"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_access_key_key}}})
+    for var, endpoint in _endpoints(spec):
+        if endpoint.api_key_secret_ref:
+            env.append(_secret_env(var, endpoint.api_key_secret_ref))
+    for var in spec.env:
+        env.append({"name": var.name, "value": var.value} if var.value is not None
+                   else {"name": var.name, "valueFrom": {"secretKeyRef": var.value_from.secret_key_ref.model_dump()}})
+    return env
+
+
+def _endpoints(spec: JobSpec):
+    """(env name, Endpoint) for every model endpoint whose key the pod needs."""
+    if isinstance(spec, RLAIFJobSpec) and spec.feedback.judge.endpoint:
+        yield "DHAD_JUDGE_API_KEY", spec.feedback.judge.endpoint
+    if isinstance(spec, SFTJobSpec) and spec.respond and spec.respond.teacher.endpoint:
+        yield "DHAD_TEACHER_API_KEY", spec.respond.teacher.endpoint
+    evaluation = getattr(spec, "evaluation", None)
+    if evaluation is not None and evaluation.judge and evaluation.judge.endpoint:
+        yield "DHAD_JUDGE_API_KEY", evaluation.judge.endpoint
+
+
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _resources(spec: JobSpec) -> dict:
+    limits: dict[str, str] = {}
+    if spec.resources.gpus_per_node:
+        limits["nvidia.com/gpu"] = str(spec.resources.gpus_per_node)
+    if spec.resources.cpu:
+        limits["cpu"] = spec.resources.cpu
+    if spec.resources.memory:
+        limits["memory"] = spec.resources.memory
+    return {"limits": limits, "requests": dict(limits)}
+
+
+def _affinity(spec: JobSpec, avoid_nodes: list[str]) -> dict | None:
+    affinity = dict(spec.pod_template.affinity or {})
+    if avoid_nodes:
+        term = {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": sorted(avoid_nodes)}]}
+        node = dict(affinity.get("nodeAffinity") or {})
+        required = dict(node.get("requiredDuringSchedulingIgnoredDuringExecution") or {"nodeSelectorTerms": [{}]})
+        terms = [{**t, "matchExpressions": [*t.get("matchExpressions", []), *term["matchExpressions"]]}
+                 for t in required.get("nodeSelectorTerms") or [{}]]
+        node["requiredDuringSchedulingIgnoredDuringExecution"] = {"nodeSelectorTerms": terms}
+        affinity["nodeAffinity"] = node
+    return affinity or None
+
+
+def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults: Defaults,
+                 avoid_nodes: list[str] | None = None) -> dict:
+    """One attempt of one (sub-)stage: an Indexed Job, one pod per node, no per-pod retries."""
+    name = job_name(owner.name, stage, attempt)
+    labels = {**owner.labels(), LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}
+    pod = spec.pod_template
+    pod_spec = {
+        "subdomain": service_name(owner.name, owner.info.code),
+        "restartPolicy": "Never",
+        "serviceAccountName": trainer_service_account_name(owner),
+        "automountServiceAccountToken": defaults.service_account_tokens,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "trainer",
+            "image": spec.image or defaults.trainer_image,
+            "command": ["python", "-m", "dhad_trainer", "launch", JOB_FILE],
+            "env": trainer_env(owner, spec, stage, attempt),
+            "resources": _resources(spec),
+            "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+            "volumeMounts": [{"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
+                             {"name": "dshm", "mountPath": "/dev/shm"}, *pod.volume_mounts],
+            "securityContext": pod.security_context or RESTRICTED_CONTAINER,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }],
+        "volumes": [{"name": "job", "configMap": {"name": config_map_name(owner.name, owner.info.code)}},
+                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
+                    *pod.volumes],
+    }
+    optional = {"nodeSelector": pod.node_selector or None, "tolerations": [t.to_json_dict() for t in pod.tolerations] or None,
+                "affinity": _affinity(spec, avoid_nodes or []), "schedulerName": pod.scheduler_name,
+                "priorityClassName": pod.priority_class_name}
+    pod_spec.update({k: v for k, v in optional.items() if v})
+    job_labels = dict(labels)
+    if spec.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+    nodes = spec.resources.nodes
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _meta(owner, name, {LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}) | {"labels": job_labels},
+        "spec": {
+            "completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "backoffLimit": 0,
+            # Kueue admits a queued Job by unsuspending it.
+            "suspend": bool(spec.queue_name),
+            "template": {"metadata": {"labels": {**pod.labels, **labels}, "annotations": dict(pod.annotations)},
+                         "spec": pod_spec},
+        },
+    }

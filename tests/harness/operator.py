@@ -1,0 +1,30 @@
+"""The operator as a real subprocess (`python -m dhad_operator`) against the test control plane."""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from pathlib import Path
+
+from .controlplane import ControlPlane
+from .processes import Process, free_port
+
+
+def start_operator(cp: ControlPlane, log_dir: Path, name: str = "dhad-operator", extra_env: dict | None = None) -> Process:
+    metrics_port, health_port = free_port(), free_port()
+    env = {
+        "KUBECONFIG": str(cp.kubeconfig),
+        "DHAD_METRICS_PORT": str(metrics_port),
+        "DHAD_RESYNC_SECONDS": "5",
+        "DHAD_TRAINER_IMAGE": "dhad/trainer:test",
+        **(extra_env or {}),
+    }
+    process = Process(name, [sys.executable, "-m", "dhad_operator", f"--liveness=http://127.0.0.1:{health_port}/healthz"],
+                      log_dir, env=env)
+    process.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    process.wait_ready(lambda: urllib.request.urlopen(f"http://127.0.0.1:{health_port}/readyz", timeout=1).status == 200, 60)
+    return process
+
+
+def metrics_text(process: Process) -> str:
+    return urllib.request.urlopen(process.metrics_url, timeout=5).read().decode()
