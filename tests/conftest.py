@@ -137,9 +137,10 @@ def crds_installed(kube) -> list[str]:
 
 @pytest.fixture(scope="session")
 def dhad_operator(control_plane, crds_installed, gpu_nodes, tmp_path_factory):
-    """The operator as a subprocess for the whole session (tests that kill it start their own)."""
-    from tests.harness.operator import start_operator
+    """The operator as a subprocess for the whole session; tests that kill it `pause()` this one."""
+    from tests.harness.operator import OperatorRunner
 
-    process = start_operator(control_plane, tmp_path_factory.mktemp("operator"))
-    yield process
-    process.stop()
+    runner = OperatorRunner(control_plane, tmp_path_factory.mktemp("operator"))
+    runner.start()
+    yield runner
+    runner.stop()

@@ -95,6 +95,10 @@ def decide(obj: dict, observed: Observed, now: datetime, defaults: Defaults) -> 
         return plan
     root = output_root(spec.storage, owner.namespace, owner.name, owner.uid)
     resolved, waiting = resolve_models(spec, observed.references)
+    started = bool(status.get("startTime"))
+    if waiting and started:
+        # References gate only the start: the spec ConfigMap already holds what was resolved then.
+        resolved, waiting = {"modelUri": status.get("resolvedModel")}, None
     if waiting:
         reason, message, permanent = waiting
         if permanent:
@@ -105,7 +109,8 @@ def decide(obj: dict, observed: Observed, now: datetime, defaults: Defaults) -> 
             plan.requeue_after = 15
         return plan
     resolved["outputRoot"] = root
-    status["resolvedModel"] = resolved.get("modelUri")
+    if not started or not status.get("resolvedModel"):
+        status["resolvedModel"] = resolved.get("modelUri")
     stages = stages_for(owner.kind, spec)
     stage = status.get("stage") or stages[0]
     status["stage"] = stage
@@ -175,8 +180,11 @@ def _observe_attempt(owner, spec, stages, stage, current, pods, plan, now, defau
         enter(status, State.QUEUED, Reason.QUEUED, f"waiting for Kueue to admit Job {current['metadata']['name']} (queue {spec.queue_name})", now, generation)
         return
     problem = observe.waiting_problem(pods)
-    if problem:
-        set_condition(status, problem[0], True, problem[0], problem[1], now, generation)
+    for type_ in sorted(set(observe.WAITING_PROBLEMS.values())):  # a problem that went away is cleared
+        if problem and problem[0] == type_:
+            set_condition(status, type_, True, type_, problem[1], now, generation)
+        else:
+            set_condition(status, type_, False, "Resolved", "", now, generation)
     unschedulable = observe.unschedulable_since(pods)
     timeout = spec.restart_policy.unschedulable_timeout_seconds
     if unschedulable and timeout and now >= unschedulable[0] + timedelta(seconds=timeout):
@@ -196,7 +204,9 @@ def _hung(spec: JobSpec, status: dict, now: datetime) -> observe.Failure | None:
     timeout = spec.restart_policy.hang_timeout_seconds
     if not timeout or state_of(status) != State.RUNNING:
         return None
-    last = observe.parse_time((status.get("progress") or {}).get("updatedAt")) or observe.parse_time(status.get("attemptStartTime"))
+    # The progress ConfigMap outlives attempts: a report older than this attempt says nothing about it.
+    times = [observe.parse_time((status.get("progress") or {}).get("updatedAt")), observe.parse_time(status.get("attemptStartTime"))]
+    last = max((t for t in times if t), default=None)
     if last and now >= last + timedelta(seconds=timeout):
         return observe.Failure(Reason.HUNG, f"no progress reported since {rfc3339(last)} (hangTimeoutSeconds {timeout})", True, False)
     return None

@@ -28,3 +28,25 @@ def start_operator(cp: ControlPlane, log_dir: Path, name: str = "dhad-operator",
 
 def metrics_text(process: Process) -> str:
     return urllib.request.urlopen(process.metrics_url, timeout=5).read().decode()
+
+
+class OperatorRunner:
+    """A restartable operator process, so one test can take over the cluster and give it back."""
+
+    def __init__(self, cp: ControlPlane, log_dir: Path, **env):
+        self.cp, self.log_dir, self.env, self.process = cp, log_dir, env, None
+        self.starts = 0
+
+    def start(self) -> Process:
+        self.starts += 1
+        self.process = start_operator(self.cp, self.log_dir, f"dhad-operator-{self.starts}", self.env)
+        return self.process
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+            self.process = None
+
+    @property
+    def metrics_url(self) -> str:
+        return self.process.metrics_url

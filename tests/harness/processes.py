@@ -70,6 +70,13 @@ class Process:
             f"{log_tail(self.log_path)}"
         )
 
+    def kill(self) -> None:
+        """SIGKILL, no grace: what a node crash or OOM kill does to a process."""
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=10)
+        self._log.close()
+
     def stop(self, grace: float = 5.0) -> None:
         if self.popen.poll() is None:
             try:

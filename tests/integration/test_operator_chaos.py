@@ -1,0 +1,136 @@
+"""The operator killed with SIGKILL at 20 seeded moments during a burst of applies, deletes and pod
+failures: no two Jobs of a job ever overlap, attempts are contiguous, nothing is orphaned, and every
+job ends in the state its pods dictate."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+import pytest
+from kubernetes import client, watch
+
+from tests.conftest import wait_for
+from tests.harness.operator import start_operator
+from tests.integration.jobs import apply, exit_pod, get, pods, tiny
+
+pytestmark = pytest.mark.cluster
+log = logging.getLogger("chaos")
+SEED = 20261126
+JOBS = 10
+KILLS = 20
+
+
+class JobRecorder:
+    """Watches every Job in the namespace and records ADDED/DELETED in resourceVersion order."""
+
+    def __init__(self, kube, namespace: str):
+        self.events: list[tuple[str, str, str, int]] = []
+        self._watch = watch.Watch()
+        self._thread = threading.Thread(target=self._run, args=(client.BatchV1Api(kube), namespace), daemon=True)
+        self._thread.start()
+
+    def _run(self, batch, namespace):
+        try:
+            self._record(batch, namespace)
+        except Exception as error:  # noqa: BLE001 - the stream ends when stop() closes it
+            log.info("job watch ended: %r", error)
+
+    def _record(self, batch, namespace):
+        for event in self._watch.stream(batch.list_namespaced_job, namespace, timeout_seconds=600):
+            job = event["object"]
+            labels = job.metadata.labels or {}
+            if event["type"] in ("ADDED", "DELETED"):
+                self.events.append((event["type"], labels.get("dhad.dev/job"), job.metadata.name, int(labels.get("dhad.dev/attempt", 0))))
+
+    def stop(self):
+        self._watch.stop()
+
+
+def test_operator_survives_sigkill_at_twenty_moments(kube, namespace, control_plane, dhad_operator, tmp_path):
+    rng = random.Random(SEED)
+    dhad_operator.stop()  # this test runs its own, killable operator
+    recorder = JobRecorder(kube, namespace)
+    operator = start_operator(control_plane, tmp_path, "chaos-operator-0")
+    names = [f"chaos-{i}" for i in range(JOBS)]
+    deleted: set[str] = set()
+    custom = client.CustomObjectsApi(kube)
+    try:
+        kills = 0
+        next_kill = time.monotonic() + rng.uniform(0.3, 1.5)
+        actions = [("apply", n) for n in names] + [("fail", rng.choice(names)) for _ in range(12)] + [("delete", n) for n in rng.sample(names, 3)]
+        rng.shuffle(actions)
+        actions = sorted(actions, key=lambda a: a[0] != "apply" and rng.random())  # applies first, the rest mixed
+        for verb, name in actions:
+            if verb == "apply":
+                apply(kube, namespace, tiny("sft", restartPolicy={"maxRestarts": 30, "noProgressAttempts": 100, "backoffSeconds": 0, "maxBackoffSeconds": 1}), name)
+            elif verb == "fail" and name not in deleted:
+                running = pods(kube, namespace, name, phase="Running")
+                if running:
+                    exit_pod(kube, namespace, rng.choice(running), 1, "injected failure")
+            elif verb == "delete" and name not in deleted:
+                custom.delete_namespaced_custom_object("dhad.dev", "v1alpha1", namespace, "sftjobs", name)
+                deleted.add(name)
+            time.sleep(rng.uniform(0.05, 0.4))
+            while time.monotonic() >= next_kill and kills < KILLS:
+                kills += 1
+                log.warning("chaos: SIGKILL %d of the operator (seed %d)", kills, SEED)
+                operator.kill()
+                operator = start_operator(control_plane, tmp_path, f"chaos-operator-{kills}")
+                next_kill = time.monotonic() + rng.uniform(0.3, 2.0)
+        while kills < KILLS:  # the rest of the kills while jobs restart and run
+            time.sleep(rng.uniform(0.3, 1.5))
+            for name in set(names) - deleted:
+                running = pods(kube, namespace, name, phase="Running")
+                if running and rng.random() < 0.3:
+                    exit_pod(kube, namespace, rng.choice(running), 1, "injected failure")
+            kills += 1
+            log.warning("chaos: SIGKILL %d of the operator (seed %d)", kills, SEED)
+            operator.kill()
+            operator = start_operator(control_plane, tmp_path, f"chaos-operator-{kills}")
+        survivors = sorted(set(names) - deleted)
+
+        def all_succeeded():
+            for name in survivors:
+                for pod in pods(kube, namespace, name, phase="Running"):
+                    exit_pod(kube, namespace, pod, 0)
+            return all((get(kube, namespace, "SFTJob", n).get("status") or {}).get("state") == "Succeeded" for n in survivors)
+
+        try:
+            wait_for(all_succeeded, 180, "every surviving job Succeeded", interval=1.0)
+        except AssertionError:
+            states = {n: (get(kube, namespace, "SFTJob", n).get("status") or {}) for n in survivors}
+            raise AssertionError({n: (s.get("state"), s.get("attempt"), s.get("endedAttempt"), s.get("conditions", [])[-1:]) for n, s in states.items()}) from None
+    finally:
+        operator.stop()
+        recorder.stop()
+        dhad_operator.start()
+
+    by_job: dict[str, list] = {}
+    for event in recorder.events:
+        by_job.setdefault(event[1], []).append(event)
+    for name in survivors:
+        status = get(kube, namespace, "SFTJob", name)["status"]
+        attempts = [a for kind, _, _, a in by_job[name] if kind == "ADDED"]
+        assert attempts == list(range(1, status["attempt"] + 1)), f"{name}: Jobs created for attempts {attempts}"
+        live: set[int] = set()
+        for kind, _, job, attempt in by_job[name]:
+            if kind == "ADDED":
+                assert not live, f"{name}: {job} created while attempts {live} still existed"
+                live.add(attempt)
+            else:
+                live.discard(attempt)
+        assert status["restarts"] == status["attempt"] - 1
+    core, rbac = client.CoreV1Api(kube), client.RbacAuthorizationV1Api(kube)
+    existing = {o["metadata"]["uid"] for o in custom.list_namespaced_custom_object("dhad.dev", "v1alpha1", namespace, "sftjobs")["items"]}
+
+    def orphans():
+        children = (client.BatchV1Api(kube).list_namespaced_job(namespace).items + core.list_namespaced_service(namespace).items
+                    + core.list_namespaced_config_map(namespace, label_selector="dhad.dev/job").items
+                    + core.list_namespaced_service_account(namespace, label_selector="dhad.dev/job").items
+                    + rbac.list_namespaced_role(namespace).items + rbac.list_namespaced_role_binding(namespace).items)
+        return [c.metadata.name for c in children if not any(r.uid in existing for r in c.metadata.owner_references or [])]
+
+    wait_for(lambda: not orphans(), 90, "no orphaned children")

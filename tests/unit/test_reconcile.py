@@ -1,0 +1,429 @@
+"""`decide` as a table: hand-built Jobs and Pods (camelCase, as the API returns them) -> the Plan."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dhad_api.naming import STAGE_CODES
+from dhad_operator.reconcile import Observed, Plan, decide, progress_of
+from dhad_operator.render import Defaults
+from dhad_operator.status import rfc3339
+
+REPO = Path(__file__).resolve().parents[2]
+NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+UID = "7a6b0c2d-0000-4000-8000-000000000001"
+ROOT = f"s3://dhad-demo/dhad/ml/tiny-sft-{UID}"
+BASE = "s3://dhad-demo/models/tiny-base"
+
+
+def job_obj(example: str = "sft", status: dict | None = None, **changes) -> dict:
+    """A tiny example as the apiserver returns it, starting from a model URI (no fromJob), 2 nodes."""
+    doc = yaml.safe_load((REPO / "examples" / "tiny" / f"{example}.yaml").read_text())
+    doc["metadata"].update(namespace="ml", uid=UID, generation=1)
+    doc["spec"]["model"] = {"uri": BASE}
+    doc["spec"]["resources"]["nodes"] = 2
+    if example == "rlaif":
+        doc["spec"]["feedback"]["judge"]["model"] = {"uri": BASE}
+    doc["spec"].update(copy.deepcopy(changes))
+    doc["status"] = copy.deepcopy(status or {})
+    return doc
+
+
+def decide_at(obj: dict, observed: Observed | None = None, now: datetime = NOW) -> Plan:
+    return decide(obj, observed or Observed(), now, Defaults())
+
+
+def then(obj: dict, plan: Plan) -> dict:
+    """The object after the operator patched the plan's status."""
+    return {**obj, "status": copy.deepcopy(plan.status)}
+
+
+def k8s_job(stage: str, attempt: int, finished: str | None = None, suspend: bool = False,
+            deleting: bool = False, name: str = "tiny-sft") -> dict:
+    meta = {"name": f"{name}-{STAGE_CODES[stage]}-{attempt}", "namespace": "ml",
+            "labels": {"dhad.dev/job": name, "dhad.dev/stage": stage, "dhad.dev/attempt": str(attempt)}}
+    if deleting:
+        meta["deletionTimestamp"] = rfc3339(NOW)
+    conditions = [{"type": finished, "status": "True"}] if finished else []
+    return {"metadata": meta, "spec": {"suspend": suspend}, "status": {"conditions": conditions}}
+
+
+def pod(stage: str, attempt: int, index: int = 0, phase: str = "Running", name: str = "tiny-sft", **status) -> dict:
+    return {"metadata": {"name": f"{name}-{STAGE_CODES[stage]}-{attempt}-{index}-x",
+                         "labels": {"dhad.dev/stage": stage, "dhad.dev/attempt": str(attempt)}},
+            "spec": {"nodeName": f"node-{index}"}, "status": {"phase": phase, **status}}
+
+
+def exited(stage: str, attempt: int, code: int, message: str = "", index: int = 0, reason: str = "Error") -> dict:
+    term = {"exitCode": code, "reason": reason, "message": message}
+    return pod(stage, attempt, index, "Failed", containerStatuses=[{"name": "trainer", "state": {"terminated": term}}])
+
+
+def running(stage: str = "sft", attempt: int = 1, nodes: int = 2, name: str = "tiny-sft") -> list[dict]:
+    return [pod(stage, attempt, i, name=name) for i in range(nodes)]
+
+
+def condition(status: dict, type_: str) -> dict | None:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
+
+
+def started(example: str = "sft", **changes) -> tuple[dict, Plan]:
+    """The object after its first reconcile created attempt 1, and that plan."""
+    obj = job_obj(example, **changes)
+    plan = decide_at(obj)
+    return then(obj, plan), plan
+
+
+def running_obj(**changes) -> dict:
+    obj, _ = started(**changes)
+    return then(obj, decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children_exist=True)))
+
+
+def test_new_job_creates_static_children_and_attempt_1():
+    plan = decide_at(job_obj())
+    assert [c["kind"] for c in plan.create] == ["Service", "ConfigMap", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
+    assert plan.create[-1]["metadata"]["name"] == "tiny-sft-sft-1"
+    s = plan.status
+    assert (s["attempt"], s["stage"], s["state"], s["startTime"], s["attemptStartTime"]) == (1, "sft", "Pending", rfc3339(NOW), rfc3339(NOW))
+    assert s["observedGeneration"] == 1 and s["resolvedModel"] == BASE
+    assert condition(s, "Created")["status"] == "True"
+    assert s["stages"] == [{"name": "sft", "state": "Pending", "attempt": 1, "startTime": rfc3339(NOW)}]
+    job_json = json.loads(plan.create[1]["data"]["job.json"])
+    assert job_json["resolved"] == {"modelUri": BASE, "outputRoot": ROOT}
+
+
+def test_decide_twice_is_idempotent():
+    obj, first = started()
+    again = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], children_exist=True))
+    assert again.create == [] and again.delete_jobs == [] and again.status["attempt"] == 1
+    # the Job not listed yet: the same attempt is made again (AlreadyExists), never attempt 2
+    same = decide_at(obj)
+    assert [c["metadata"]["name"] for c in same.create if c["kind"] == "Job"] == ["tiny-sft-sft-1"]
+    assert same.status == first.status
+
+
+def test_running_pods_make_the_job_running():
+    obj, _ = started()
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children_exist=True))
+    assert plan.status["state"] == "Running" and condition(plan.status, "Running")["status"] == "True"
+    assert plan.status["stages"][0]["state"] == "Running" and plan.create == [] and plan.requeue_after == 30
+    assert any(e[1] == "Running" for e in plan.events)
+    half = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running()[:1] + [pod("sft", 1, 1, "Pending")]))
+    assert half.status["state"] == "Pending"
+
+
+def test_progress_report_is_copied_into_status():
+    obj = running_obj()
+    report = {"stage": "sft", "step": 5, "totalSteps": 20, "loss": 2.5, "tokensPerSecond": 900.0,
+              "updatedAt": rfc3339(NOW), "lastCheckpoint": f"{ROOT}/sft/checkpoints/step-000005"}
+    config_map = {"data": {"progress": json.dumps(report)}}
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=progress_of(config_map), children_exist=True))
+    assert plan.status["progress"] == {"step": 5, "totalSteps": 20, "loss": 2.5, "tokensPerSecond": 900.0,
+                                       "updatedAt": rfc3339(NOW), "percent": 25}
+    assert plan.status["lastCheckpoint"] == report["lastCheckpoint"]
+    other = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress={**report, "stage": "respond"}))
+    assert "progress" not in other.status and "lastCheckpoint" not in other.status
+    assert progress_of({"data": {"progress": "not json"}}) is None and progress_of(None) is None
+
+
+def failing(obj: dict, *pods: dict, now: datetime = NOW, attempt: int = 1) -> Plan:
+    return decide_at(obj, Observed(jobs=[k8s_job("sft", attempt)], pods=list(pods), children_exist=True), now)
+
+
+def test_worker_failure_restarts_the_gang_after_backoff():
+    obj = running_obj()
+    message = json.dumps({"reason": "WorkerFailed", "message": "CUDA error: an illegal memory access"})
+    plan = failing(obj, exited("sft", 1, 70, message), pod("sft", 1, 1))
+    s = plan.status
+    assert (s["endedAttempt"], s["restarts"], s["state"], s.get("disruptions", 0)) == (1, 1, "Restarting", 0)
+    assert s["nextAttemptAfter"] == rfc3339(NOW + timedelta(seconds=10))
+    assert plan.delete_jobs == ["tiny-sft-sft-1"] and plan.create == [] and plan.restart_reason == "WorkerFailed"
+    assert "illegal memory access" in condition(s, "Restarting")["message"]
+    obj = then(obj, plan)
+
+    repeat = failing(obj, exited("sft", 1, 70, message), pod("sft", 1, 1))  # the same observation again
+    assert repeat.status["restarts"] == 1 and repeat.create == []
+    deleting = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Failed", deleting=True)], children_exist=True), NOW + timedelta(seconds=3))
+    assert deleting.create == [] and deleting.delete_jobs == [] and deleting.requeue_after
+    gone = decide_at(obj, Observed(children_exist=True), NOW + timedelta(seconds=4))
+    assert gone.create == [] and gone.requeue_after == 6
+    assert decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Failed")], children_exist=True), NOW + timedelta(seconds=11)).delete_jobs == ["tiny-sft-sft-1"]
+
+    later = NOW + timedelta(seconds=11)
+    second = decide_at(obj, Observed(children_exist=True), later)
+    assert [c["metadata"]["name"] for c in second.create] == ["tiny-sft-sft-2"]
+    s2 = second.status
+    assert (s2["attempt"], s2["restarts"], s2["attemptStartTime"], s2["state"]) == (2, 1, rfc3339(later), "Restarting")
+    assert "nextAttemptAfter" not in s2 and s2["stages"][0]["attempt"] == 2
+    # the second failure doubles the backoff
+    again = failing(then(obj, second), exited("sft", 2, 70, index=1), now=later, attempt=2)
+    assert again.status["restarts"] == 2 and again.status["nextAttemptAfter"] == rfc3339(later + timedelta(seconds=20))
+
+
+def test_a_failed_job_without_pods_counts_as_a_worker_failure():
+    plan = decide_at(running_obj(), Observed(jobs=[k8s_job("sft", 1, "Failed")], children_exist=True))
+    assert plan.status["restarts"] == 1 and plan.restart_reason == "WorkerFailed"
+
+
+@pytest.mark.parametrize("code, reason", [(78, "BadConfig"), (65, "DataError")])
+def test_bad_config_or_data_fails_at_once(code, reason):
+    message = json.dumps({"reason": reason, "message": "spec.data[0].uri: s3://dhad-demo/x.jsonl does not exist"})
+    plan = failing(running_obj(), exited("sft", 1, code, message), pod("sft", 1, 1))
+    s = plan.status
+    assert s["state"] == "Failed" and condition(s, "Failed")["reason"] == reason
+    assert "does not exist" in condition(s, "Failed")["message"] and s["completionTime"] == rfc3339(NOW)
+    assert s.get("restarts", 0) == 0 and "nextAttemptAfter" not in s and plan.delete_jobs == ["tiny-sft-sft-1"]
+    assert s["stages"][0]["state"] == "Failed"
+
+
+@pytest.mark.parametrize("failed", [
+    exited("sft", 1, 143, json.dumps({"reason": "Preempted", "message": "SIGTERM; checkpoint saved"})),
+    pod("sft", 1, 0, "Failed", reason="Evicted", message="The node was low on resource: memory."),
+    pod("sft", 1, 0, "Failed", conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]),
+], ids=["exit-143", "evicted", "disruption-target"])
+def test_disruptions_restart_at_once_without_using_the_budget(failed):
+    obj = running_obj(restartPolicy={"maxRestarts": 0})
+    plan = failing(obj, failed, pod("sft", 1, 1))
+    s = plan.status
+    assert (s["disruptions"], s.get("restarts", 0), s["state"]) == (1, 0, "Restarting")
+    assert s["nextAttemptAfter"] == rfc3339(NOW)
+    second = decide_at(then(obj, plan), Observed(children_exist=True))
+    assert [c["metadata"]["name"] for c in second.create] == ["tiny-sft-sft-2"]
+    assert second.status.get("restarts", 0) == 0
+
+
+def test_oom_killed_is_a_counted_failure():
+    plan = failing(running_obj(), exited("sft", 1, 137, reason="OOMKilled"))
+    assert plan.status["restarts"] == 1 and condition(plan.status, "Restarting")["reason"] == "OOMKilled"
+
+
+def test_restarts_beyond_max_restarts_fail_with_the_last_failure():
+    obj = running_obj(restartPolicy={"maxRestarts": 1, "backoffSeconds": 1})
+    obj["status"].update(restarts=1, attempt=2)
+    obj["status"]["stages"][0]["attempt"] = 2
+    message = json.dumps({"reason": "WorkerFailed", "message": "loss is NaN at attempt 2"})
+    plan = failing(obj, exited("sft", 2, 70, message), attempt=2)
+    failed = condition(plan.status, "Failed")
+    assert plan.status["state"] == "Failed" and failed["reason"] == "BackoffLimitExceeded"
+    assert "loss is NaN at attempt 2" in failed["message"] and plan.status["restarts"] == 2
+    assert plan.delete_jobs == ["tiny-sft-sft-2"] and plan.create == []
+
+
+def test_attempts_without_a_new_checkpoint_fail_with_no_progress():
+    ckpt = f"{ROOT}/sft/checkpoints/step-000010"
+    obj = running_obj(restartPolicy={"noProgressAttempts": 2})
+    obj["status"].update(attemptsWithoutProgress=1, lastCheckpoint=ckpt, checkpointAtAttemptStart=ckpt)
+    plan = failing(obj, exited("sft", 1, 70))
+    assert plan.status["state"] == "Failed" and condition(plan.status, "Failed")["reason"] == "NoProgress"
+    # a new checkpoint in the progress report resets the count
+    newer = {"stage": "sft", "step": 20, "lastCheckpoint": f"{ROOT}/sft/checkpoints/step-000020"}
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=[exited("sft", 1, 70)], progress=newer, children_exist=True))
+    assert plan.status["state"] == "Restarting" and plan.status["attemptsWithoutProgress"] == 0
+
+
+def test_rlaif_runs_feedback_reward_policy_then_succeeds():
+    name = "tiny-rlaif"
+    root = f"s3://dhad-demo/dhad/ml/{name}-{UID}"
+    obj, plan = started("rlaif")
+    assert plan.create[-1]["metadata"]["name"] == "tiny-rlaif-fb-1"
+    obj["status"].update(restarts=1, attempt=2, endedAttempt=1, attemptsWithoutProgress=1)
+    obj["status"]["stages"][0]["attempt"] = 2
+    done: list[dict] = []
+    for stage, following in (("feedback", "reward"), ("reward", "policy")):
+        attempt = obj["status"]["attempt"]
+        plan = decide_at(obj, Observed(jobs=[*done, k8s_job(stage, attempt, "Complete", name=name)], children_exist=True))
+        s = plan.status
+        assert [c["metadata"]["name"] for c in plan.create] == [f"{name}-{STAGE_CODES[following]}-1"]
+        assert (s["stage"], s["attempt"], s["endedAttempt"], s["attemptsWithoutProgress"], s["restarts"]) == (following, 1, 0, 0, 1)
+        assert s["stages"][-2] | {"startTime": None} == {"name": stage, "state": "Succeeded", "attempt": attempt, "startTime": None,
+                                                         "completionTime": rfc3339(NOW), "output": f"{root}/{stage}"}
+        assert s["stages"][-1] == {"name": following, "state": "Pending", "attempt": 1, "startTime": rfc3339(NOW)}
+        done.append(k8s_job(stage, attempt, "Complete", name=name))
+        obj = then(obj, plan)
+    plan = decide_at(obj, Observed(jobs=[*done, k8s_job("policy", 1, "Complete", name=name)], children_exist=True))
+    s = plan.status
+    assert s["state"] == "Succeeded" and s["outputModel"] == f"{root}/policy/model" and plan.create == []
+    assert [e["name"] for e in s["stages"]] == ["feedback", "reward", "policy"] and s["completionTime"] == rfc3339(NOW)
+    assert all(e["state"] == "Succeeded" for e in s["stages"])
+    finished = decide_at(then(obj, plan), Observed(jobs=done, children_exist=True))
+    assert finished.create == [] and finished.status["state"] == "Succeeded"
+
+
+def test_sft_with_respond_runs_respond_first():
+    respond = {"prompts": [{"uri": "s3://dhad-demo/p.jsonl", "schema": "prompt-completion"}],
+               "teacher": {"endpoint": {"baseUrl": "https://llm.example.com/v1", "model": "t"}}}
+    obj, plan = started(respond=respond)
+    assert plan.create[-1]["metadata"]["name"] == "tiny-sft-rsp-1"
+    plan = decide_at(obj, Observed(jobs=[k8s_job("respond", 1, "Complete")], children_exist=True))
+    assert plan.create[-1]["metadata"]["name"] == "tiny-sft-sft-1" and plan.status["stage"] == "sft"
+
+
+def test_suspend_stops_the_attempt_and_unsuspend_starts_a_new_one():
+    obj = running_obj()
+    obj["spec"]["suspend"] = True
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children_exist=True))
+    s = plan.status
+    assert plan.delete_jobs == ["tiny-sft-sft-1"] and s["state"] == "Suspended" and s["endedAttempt"] == s["attempt"] == 1
+    assert plan.create == [] and any(e[1] == "Suspended" for e in plan.events)
+    obj = then(obj, plan)
+    pods_stopping = [exited("sft", 1, 143)]
+    still = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, deleting=True)], pods=pods_stopping, children_exist=True))
+    assert still.delete_jobs == [] and still.create == [] and still.status.get("disruptions", 0) == 0 and not still.events
+    obj["spec"]["suspend"] = False
+    waiting = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, deleting=True)], children_exist=True))
+    assert waiting.create == [] and waiting.requeue_after
+    resumed = decide_at(obj, Observed(children_exist=True))
+    assert [c["metadata"]["name"] for c in resumed.create] == ["tiny-sft-sft-2"]
+    assert resumed.status["state"] == "Pending" and resumed.status.get("restarts", 0) == 0
+    assert condition(resumed.status, "Suspended")["status"] == "False"
+
+
+def test_active_deadline_fails_the_job_and_deletes_the_attempt():
+    obj = running_obj(activeDeadlineSeconds=1200)
+    later = NOW + timedelta(seconds=1200)
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children_exist=True), later)
+    assert plan.status["state"] == "Failed" and condition(plan.status, "Failed")["reason"] == "DeadlineExceeded"
+    assert plan.delete_jobs == ["tiny-sft-sft-1"]
+    early = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children_exist=True), later - timedelta(seconds=1))
+    assert early.status["state"] == "Running"
+
+
+def test_from_job_waits_for_the_referenced_job_then_uses_its_model():
+    obj = job_obj(model={"fromJob": {"kind": "PretrainJob", "name": "tiny-pretrain"}})
+    ref = ("PretrainJob", "tiny-pretrain")
+    missing = decide_at(obj, Observed(references={ref: None}))
+    s = missing.status
+    assert s["state"] == "Pending" and missing.create == [] and missing.requeue_after
+    assert condition(s, "Created") | {"lastTransitionTime": None} == {
+        "type": "Created", "status": "False", "reason": "WaitingForModel", "lastTransitionTime": None, "observedGeneration": 1,
+        "message": "waiting for PretrainJob tiny-pretrain (model): it does not exist yet"}
+    pending = decide_at(obj, Observed(references={ref: {"status": {"state": "Running"}}}))
+    assert "now Running" in condition(pending.status, "Created")["message"] and pending.create == []
+    failed = decide_at(obj, Observed(references={ref: {"status": {"state": "Failed"}}}))
+    assert condition(failed.status, "Created")["reason"] == "ReferencedJobFailed" and failed.status["state"] == "Pending"
+    model = "s3://dhad-demo/dhad/ml/tiny-pretrain-u1/pretrain/model"
+    ready = decide_at(obj, Observed(references={ref: {"status": {"state": "Succeeded", "outputModel": model}}}))
+    job_json = json.loads(next(c for c in ready.create if c["metadata"]["name"] == "tiny-sft-sft-spec")["data"]["job.json"])
+    assert job_json["resolved"]["modelUri"] == model and ready.status["resolvedModel"] == model
+    assert condition(ready.status, "Created")["status"] == "True"
+
+
+def test_ttl_after_finished_deletes_the_children_but_not_the_job():
+    obj = running_obj(ttlSecondsAfterFinished=600)
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Complete")], children_exist=True))
+    assert plan.status["state"] == "Succeeded" and plan.status["outputModel"] == f"{ROOT}/sft/model"
+    assert plan.requeue_after == 600 and not plan.delete_children
+    obj = then(obj, plan)
+    observed = Observed(jobs=[k8s_job("sft", 1, "Complete")], children_exist=True)
+    before = decide_at(obj, observed, NOW + timedelta(seconds=100))
+    assert before.requeue_after == 500 and not before.delete_children and before.delete_jobs == []
+    after = decide_at(obj, observed, NOW + timedelta(seconds=600))
+    assert after.delete_children and after.status == obj["status"] and after.create == []
+    assert not decide_at(obj, Observed(), NOW + timedelta(seconds=700)).delete_children  # nothing left
+
+
+def test_finished_jobs_stop_any_job_still_running():
+    obj = running_obj()
+    failed = then(obj, failing(obj, exited("sft", 1, 78)))
+    plan = decide_at(failed, Observed(jobs=[k8s_job("sft", 1)], children_exist=True))
+    assert plan.delete_jobs == ["tiny-sft-sft-1"] and plan.create == [] and plan.requeue_after is None
+
+
+def hung_obj(updated_at: datetime) -> dict:
+    obj = running_obj()
+    obj["status"]["progress"] = {"step": 3, "updatedAt": rfc3339(updated_at)}
+    return obj
+
+
+def test_no_progress_for_hang_timeout_restarts_the_attempt_as_hung():
+    later = NOW + timedelta(seconds=2000)
+    plan = failing(hung_obj(NOW + timedelta(seconds=100)), *running(), now=later)
+    assert plan.status["state"] == "Restarting" and plan.restart_reason == "Hung"
+    assert condition(plan.status, "Restarting")["reason"] == "Hung" and plan.delete_jobs == ["tiny-sft-sft-1"]
+    assert plan.status["restarts"] == 1
+    fine = failing(hung_obj(NOW + timedelta(seconds=1000)), *running(), now=later)
+    assert fine.status["state"] == "Running" and fine.delete_jobs == []
+
+
+def test_a_new_attempt_is_not_hung_by_the_previous_attempts_last_report():
+    obj = hung_obj(NOW - timedelta(seconds=3000))  # attempt 1's last report, long ago
+    obj["status"]["attemptStartTime"] = rfc3339(NOW)
+    plan = failing(obj, *running(), now=NOW + timedelta(seconds=600))
+    assert plan.status["state"] == "Running" and plan.restart_reason is None
+
+
+def test_image_pull_back_off_is_a_condition_with_the_kubelets_message():
+    obj, _ = started()
+    waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "ghcr.io/dhad/trainer:0.1.0"'}
+    stuck = pod("sft", 1, 0, "Pending", containerStatuses=[{"name": "trainer", "state": {"waiting": waiting}}])
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=[stuck, pod("sft", 1, 1, "Pending")], children_exist=True))
+    problem = condition(plan.status, "ImagePullBackOff")
+    assert problem["status"] == "True" and "Back-off pulling image" in problem["message"]
+    assert plan.status["state"] == "Pending" and plan.delete_jobs == []
+    fixed = decide_at(then(obj, plan), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children_exist=True))
+    assert condition(fixed.status, "ImagePullBackOff")["status"] == "False" and fixed.status["state"] == "Running"
+
+
+def unschedulable(since: datetime) -> dict:
+    cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": rfc3339(since),
+            "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}
+    return pod("sft", 1, 0, "Pending", conditions=[cond])
+
+
+def test_unschedulable_past_the_timeout_is_a_condition_not_a_failure():
+    obj, _ = started()
+    observed = Observed(jobs=[k8s_job("sft", 1)], pods=[unschedulable(NOW - timedelta(seconds=700))], children_exist=True)
+    plan = decide_at(obj, observed)
+    cond = condition(plan.status, "Unschedulable")
+    assert cond["status"] == "True" and "Insufficient nvidia.com/gpu" in cond["message"]
+    assert plan.status["state"] == "Pending" and plan.delete_jobs == []
+    recent = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=[unschedulable(NOW - timedelta(seconds=100))]))
+    assert condition(recent.status, "Unschedulable") is None
+    scheduled = decide_at(then(obj, plan), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children_exist=True))
+    assert condition(scheduled.status, "Unschedulable")["status"] == "False"
+
+
+def test_kueue_queued_job_is_queued_until_admitted():
+    obj, plan = started(queueName="team-a")
+    assert plan.create[-1]["spec"]["suspend"] is True and plan.status["state"] == "Queued"
+    queued = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, suspend=True)], children_exist=True))
+    assert queued.status["state"] == "Queued" and "team-a" in condition(queued.status, "Queued")["message"]
+    admitted = decide_at(then(obj, queued), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children_exist=True))
+    assert admitted.status["state"] == "Running" and condition(admitted.status, "Queued")["status"] == "False"
+
+
+def test_an_invalid_spec_fails_with_the_field():
+    obj = job_obj()
+    obj["spec"]["training"]["learningRate"] = -1
+    plan = decide_at(obj)
+    failed = condition(plan.status, "Failed")
+    assert plan.status["state"] == "Failed" and failed["reason"] == "InvalidSpec" and "training.learningRate" in failed["message"]
+    assert plan.create == []
+
+
+def test_a_started_job_ignores_its_references_afterwards():
+    obj = job_obj(model={"fromJob": {"kind": "PretrainJob", "name": "tiny-pretrain"}})
+    ref, model = ("PretrainJob", "tiny-pretrain"), "s3://dhad-demo/dhad/ml/tiny-pretrain-u1/pretrain/model"
+    obj = then(obj, decide_at(obj, Observed(references={ref: {"status": {"state": "Succeeded", "outputModel": model}}})))
+    for gone in (None, {"status": {"state": "Running"}}, {"status": {"state": "Succeeded", "outputModel": "s3://dhad-demo/other"}}):
+        plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), references={ref: gone}, children_exist=True))
+        assert plan.status["state"] == "Running" and plan.status["resolvedModel"] == model
+        done = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Complete")], references={ref: gone}, children_exist=True))
+        assert done.status["state"] == "Succeeded"
+
+
+def test_backoff_is_capped_and_failed_nodes_are_avoided():
+    obj = running_obj(restartPolicy={"backoffSeconds": 100, "maxBackoffSeconds": 150, "avoidFailedNodes": True})
+    obj["status"]["restarts"] = 2
+    plan = failing(obj, exited("sft", 1, 70, index=1))
+    assert plan.status["nextAttemptAfter"] == rfc3339(NOW + timedelta(seconds=150)) and plan.status["failedNodes"] == ["node-1"]
+    later = NOW + timedelta(seconds=150)
+    job = decide_at(then(obj, plan), Observed(children_exist=True), later).create[0]
+    terms = job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"][0]["values"] == ["node-1"]

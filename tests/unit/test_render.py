@@ -1,0 +1,315 @@
+"""The renderers without a cluster: names, labels, owners, the Service, the Job, the spec ConfigMap,
+the progress RBAC, secrets only by reference, pod overrides, and a golden file of a tiny SFT job."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dhad_api.jobs import KINDS, Job, JobKind, parse_spec
+from dhad_api.layout import model_uri, output_root
+from dhad_api.naming import HOSTNAME_LIMIT, MAX_NAME_LENGTH, MAX_NODES, STAGE_CODES
+from dhad_operator.render import (
+    KUEUE_QUEUE_LABEL,
+    RESTRICTED_CONTAINER,
+    Defaults,
+    Owner,
+    static_children,
+    training_job,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = sorted((REPO / "examples" / "tiny").glob("*.yaml"))
+GOLDEN = Path(__file__).parent / "golden" / "sft-children.yaml"
+UID = "5d1c1a7e-0000-4000-8000-00000000d4ad"
+NS = "ml"
+DEFAULTS = Defaults()
+ENDPOINT = {"baseUrl": "https://llm.example.com/v1", "model": "judge-70b",
+            "apiKeySecretRef": {"name": "llm-key", "key": "token"}}
+
+
+def load(example: str, **changes) -> dict:
+    doc = yaml.safe_load((REPO / "examples" / "tiny" / f"{example}.yaml").read_text())
+    doc["metadata"]["namespace"] = NS
+    doc["spec"].update(copy.deepcopy(changes))
+    return doc
+
+
+def render(doc: dict, attempt: int = 1, stage: str | None = None, avoid: list[str] | None = None):
+    """(owner, spec, static children, the stage's Job)."""
+    owner = Owner(doc["kind"], doc["metadata"]["name"], NS, UID)
+    spec = parse_spec(doc["kind"], doc["spec"])
+    root = output_root(spec.storage, NS, owner.name, UID)
+    resolved = {"modelUri": "s3://dhad-demo/models/start", "outputRoot": root}
+    stage = stage or KINDS[JobKind(doc["kind"])].stages[-1]
+    return owner, spec, static_children(owner, spec, resolved), training_job(owner, spec, stage, attempt, DEFAULTS, avoid)
+
+
+def container(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(job: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container(job)["env"]}
+
+
+def by_kind(children: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for child in children:
+        out.setdefault(child["kind"], []).append(child)
+    return out
+
+
+@pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
+def test_children_have_deterministic_names_labels_and_a_controller_owner(path):
+    doc = load(path.stem)
+    owner, spec, children, job = render(doc)
+    name, code = owner.name, KINDS[JobKind(doc["kind"])].code
+    stage = KINDS[JobKind(doc["kind"])].stages[-1]
+    names = {(c["kind"], c["metadata"]["name"]) for c in children}
+    assert names == {("Service", f"{name}-{code}"), ("ConfigMap", f"{name}-{code}-spec"),
+                     ("ConfigMap", f"{name}-{code}-progress"), ("ServiceAccount", f"{name}-{code}-trainer"),
+                     ("Role", f"{name}-{code}-trainer"), ("RoleBinding", f"{name}-{code}-trainer")}
+    assert children[0]["kind"] == "Service"  # created first: the master's DNS name exists before pods start
+    assert job["metadata"]["name"] == f"{name}-{STAGE_CODES[stage]}-1"
+    for child in [*children, job]:
+        meta = child["metadata"]
+        assert meta["namespace"] == NS
+        assert meta["labels"]["dhad.dev/job"] == name and meta["labels"]["dhad.dev/kind"] == doc["kind"]
+        assert meta["ownerReferences"] == [{"apiVersion": "dhad.dev/v1alpha1", "kind": doc["kind"], "name": name,
+                                            "uid": UID, "controller": True, "blockOwnerDeletion": True}]
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    for labels in (job["metadata"]["labels"], pod_labels):
+        assert labels["dhad.dev/stage"] == stage and labels["dhad.dev/attempt"] == "1"
+    assert render(doc)[2:] == (children, job)
+
+
+@pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
+def test_headless_service_selects_every_attempt_of_the_job(path):
+    owner, _, children, job = render(load(path.stem), attempt=3)
+    service = by_kind(children)["Service"][0]["spec"]
+    assert service["clusterIP"] == "None" and service["publishNotReadyAddresses"] is True
+    assert service["selector"] == {"dhad.dev/job": owner.name, "dhad.dev/kind": owner.kind}
+    assert service["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    assert service["ports"][0]["port"] == 29500
+
+
+@pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
+def test_job_is_an_indexed_gang_without_retries(path):
+    doc = load(path.stem)
+    owner, spec, children, job = render(doc, attempt=2)
+    nodes = spec.resources.nodes
+    js = job["spec"]
+    assert (js["completionMode"], js["completions"], js["parallelism"], js["backoffLimit"]) == ("Indexed", nodes, nodes, 0)
+    assert js["suspend"] is False and KUEUE_QUEUE_LABEL not in job["metadata"]["labels"]
+    pod = js["template"]["spec"]
+    service = by_kind(children)["Service"][0]["metadata"]["name"]
+    assert pod["subdomain"] == service and pod["restartPolicy"] == "Never"
+    assert pod["serviceAccountName"] == by_kind(children)["ServiceAccount"][0]["metadata"]["name"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    c = container(job)
+    assert c["securityContext"] == RESTRICTED_CONTAINER
+    assert c["command"] == ["python", "-m", "dhad_trainer", "launch", "/etc/dhad/job.json"]
+    assert c["image"] == DEFAULTS.trainer_image
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}
+    assert volumes["job"]["configMap"]["name"] == by_kind(children)["ConfigMap"][0]["metadata"]["name"]
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/etc/dhad", "/dev/shm"}
+    env = env_of(job)
+    assert env["MASTER_ADDR"]["value"] == f"{job['metadata']['name']}-0.{service}"
+    assert env["NNODES"]["value"] == str(nodes) and env["DHAD_ATTEMPT"]["value"] == "2"
+    assert env["DHAD_JOB_UID"]["value"] == UID
+    assert env["DHAD_PROGRESS_CONFIGMAP"]["value"] == f"{owner.name}-{owner.info.code}-progress"
+    assert "affinity" not in pod and "nodeSelector" not in pod and "tolerations" not in pod
+
+
+@pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
+def test_spec_config_map_round_trips_into_the_trainers_job(path):
+    doc = load(path.stem)
+    owner, spec, children, _ = render(doc)
+    document = json.loads(by_kind(children)["ConfigMap"][0]["data"]["job.json"])
+    job = Job.model_validate(document)
+    assert (job.kind.value, job.metadata.name, job.metadata.namespace, job.metadata.uid) == (doc["kind"], owner.name, NS, UID)
+    assert job.typed_spec() == spec == parse_spec(doc["kind"], job.spec)
+    assert job.resolved.model_uri == "s3://dhad-demo/models/start"
+    assert job.resolved.output_root == f"s3://dhad-demo/dhad/{NS}/{owner.name}-{UID}"
+
+
+def test_progress_role_may_only_get_and_patch_its_own_config_map():
+    owner, _, children, _ = render(load("pretrain"))
+    kinds = by_kind(children)
+    progress = kinds["ConfigMap"][1]
+    assert progress["metadata"]["name"] == "tiny-pretrain-pt-progress" and progress["data"] == {"progress": "{}"}
+    (role,) = kinds["Role"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                              "resourceNames": ["tiny-pretrain-pt-progress"], "verbs": ["get", "patch"]}]
+    (binding,) = kinds["RoleBinding"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tiny-pretrain-pt-trainer", "namespace": NS}]
+
+
+def test_longest_allowed_name_keeps_every_hostname_and_name_within_63():
+    doc = sft_with_respond()
+    doc["metadata"]["name"] = "a" * MAX_NAME_LENGTH
+    doc["spec"]["resources"] = {"nodes": MAX_NODES, "gpusPerNode": 8}
+    for stage in STAGE_CODES:
+        _, _, children, job = render(doc, attempt=9999, stage=stage)
+        hostname = f"{job['metadata']['name']}-{MAX_NODES - 1}"
+        assert len(hostname) <= HOSTNAME_LIMIT, hostname
+        for obj in [*children, job]:
+            assert len(obj["metadata"]["name"]) <= HOSTNAME_LIMIT
+            assert all(len(v) <= 63 for v in obj["metadata"]["labels"].values())
+
+
+def test_queue_name_creates_the_job_suspended_for_kueue():
+    _, _, _, job = render(load("sft", queueName="team-a"))
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
+
+
+def _walk_env(obj):
+    if isinstance(obj, dict):
+        if "env" in obj and isinstance(obj["env"], list):
+            yield from obj["env"]
+        for value in obj.values():
+            yield from _walk_env(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _walk_env(value)
+
+
+def test_storage_credentials_come_only_from_secret_key_refs():
+    doc = load("sft", env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+                           {"name": "LOG_LEVEL", "value": "debug"}])
+    doc["spec"]["storage"]["secretRef"] = {"name": "s3-creds", "accessKeyIdKey": "id", "secretAccessKeyKey": "key"}
+    _, _, children, job = render(doc)
+    env = env_of(job)
+    assert env["AWS_ACCESS_KEY_ID"] == {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "id"}}}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": "key"}}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://dhad-s3.dhad-system.svc:8333"
+    assert env["LOG_LEVEL"]["value"] == "debug"
+    secretish = re.compile(r"(?i)(secret|password|token|api_?key|access_key)")
+    for var in _walk_env([*children, job]):
+        if secretish.search(var["name"]):
+            assert "value" not in var and "secretKeyRef" in var["valueFrom"], var
+    assert all(c["kind"] != "Secret" for c in children)
+
+
+def test_no_secret_ref_means_no_aws_keys_in_the_env():
+    doc = load("pretrain")
+    del doc["spec"]["storage"]["secretRef"]
+    env = env_of(render(doc)[3])
+    assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["AWS_REGION"]["value"] == "us-east-1"
+
+
+@pytest.mark.parametrize("gpus, limit, nproc", [(8, "8", "8"), (1, "1", "1"), (0, None, "1")])
+def test_gpus_per_node_sets_the_gpu_limit_and_processes(gpus, limit, nproc):
+    doc = load("pretrain", resources={"nodes": 2, "gpusPerNode": gpus, "cpu": "4", "memory": "8Gi"})
+    job = render(doc)[3]
+    resources = container(job)["resources"]
+    assert resources["limits"].get("nvidia.com/gpu") == limit
+    assert resources["requests"] == resources["limits"]
+    assert resources["limits"]["cpu"] == "4" and resources["limits"]["memory"] == "8Gi"
+    assert env_of(job)["NPROC_PER_NODE"]["value"] == nproc
+
+
+def test_avoided_nodes_become_a_required_not_in_node_affinity():
+    pod = render(load("sft"), avoid=["node-b", "node-a"])[3]["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["node-a", "node-b"]}]}]
+
+
+def test_avoided_nodes_are_added_to_every_term_of_the_users_affinity():
+    gpu = {"key": "gpu.example.com/class", "operator": "In", "values": ["h100"]}
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [gpu]}]}},
+                "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    doc = load("sft", podTemplate={"affinity": affinity})
+    _, spec, _, job = render(doc, avoid=["node-a"])
+    got = job["spec"]["template"]["spec"]["affinity"]
+    (term,) = got["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [gpu, {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["node-a"]}]
+    assert got["podAntiAffinity"] == affinity["podAntiAffinity"]
+    assert spec.pod_template.affinity == affinity  # the spec itself is not changed
+    assert render(doc)[3]["spec"]["template"]["spec"]["affinity"] == affinity
+
+
+def test_pod_template_overrides_land_on_the_pod():
+    overrides = {
+        "labels": {"team": "nlp", "dhad.dev/job": "spoof"}, "annotations": {"sidecar.istio.io/inject": "false"},
+        "nodeSelector": {"gpu": "h100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "volumes": [{"name": "ib", "hostPath": {"path": "/dev/infiniband"}}],
+        "volumeMounts": [{"name": "ib", "mountPath": "/dev/infiniband"}],
+        "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+        "schedulerName": "volcano", "priorityClassName": "training-high",
+    }
+    job = render(load("sft", podTemplate=overrides, image="registry.example.com/dhad/trainer:dev"))[3]
+    template = job["spec"]["template"]
+    pod = template["spec"]
+    assert template["metadata"]["labels"]["team"] == "nlp"
+    assert template["metadata"]["labels"]["dhad.dev/job"] == "tiny-sft"  # ours win
+    assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    assert pod["nodeSelector"] == {"gpu": "h100"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert {"name": "ib", "hostPath": {"path": "/dev/infiniband"}} in pod["volumes"]
+    assert {v["name"] for v in pod["volumes"]} == {"job", "dshm", "ib"}
+    c = container(job)
+    assert {"name": "ib", "mountPath": "/dev/infiniband"} in c["volumeMounts"]
+    assert c["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+    assert c["image"] == "registry.example.com/dhad/trainer:dev"
+    assert (pod["schedulerName"], pod["priorityClassName"]) == ("volcano", "training-high")
+
+
+def test_rlaif_judge_endpoint_key_comes_from_its_secret():
+    doc = load("rlaif")
+    doc["spec"]["feedback"]["judge"] = {"endpoint": ENDPOINT}
+    for stage in KINDS[JobKind.RLAIF].stages:
+        env = env_of(render(doc, stage=stage)[3])
+        assert env["DHAD_JUDGE_API_KEY"] == {"name": "DHAD_JUDGE_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-key", "key": "token"}}}
+    assert "DHAD_JUDGE_API_KEY" not in env_of(render(load("rlaif"))[3])  # a local judge needs no key
+
+
+def sft_with_respond() -> dict:
+    doc = load("sft")
+    doc["spec"]["respond"] = {"prompts": [{"uri": "s3://dhad-demo/data/prompts.jsonl", "schema": "prompt-completion"}],
+                              "teacher": {"endpoint": {**ENDPOINT, "model": "teacher"}}}
+    return doc
+
+
+def test_sft_teacher_endpoint_key_comes_from_its_secret():
+    env = env_of(render(sft_with_respond(), stage="respond")[3])
+    assert env["DHAD_TEACHER_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "llm-key", "key": "token"}}
+    assert env["DHAD_STAGE"]["value"] == "respond"
+
+
+def test_eval_judge_endpoint_key_comes_from_its_secret():
+    doc = load("eval")
+    doc["spec"]["evaluation"]["judge"] = {"endpoint": ENDPOINT}
+    assert env_of(render(doc)[3])["DHAD_JUDGE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "llm-key"
+
+
+def golden_children() -> str:
+    """examples/tiny/sft.yaml, attempt 1, its fromJob resolved to the pre-training job's model."""
+    doc = load("sft")
+    owner, spec, _, job = render(doc)
+    resolved = {"modelUri": model_uri(output_root(spec.storage, NS, "tiny-pretrain", "pretrain-uid"), "pretrain"),
+                "outputRoot": output_root(spec.storage, NS, owner.name, UID)}
+    children = [*static_children(owner, spec, resolved), job]
+    return yaml.safe_dump_all(children, sort_keys=True, allow_unicode=True, width=120)
+
+
+def test_golden_sft_children():
+    text = golden_children()
+    if os.environ.get("DHAD_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(text)
+    assert GOLDEN.exists(), "run with DHAD_UPDATE_GOLDEN=1 to write the golden file"
+    assert GOLDEN.read_text() == text, "rendered children changed: review, then regenerate with DHAD_UPDATE_GOLDEN=1"
