@@ -68,6 +68,127 @@ def write_crds(args: argparse.Namespace) -> int:
     return crd.main(["crd", args.output] if args.output else ["crd"])
 
 
+@command("eval")
+def evaluate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from dhad_api.stages import Evaluation
+    from dhad_trainer.stages.eval import evaluate as run_evaluation
+
+    settings: dict = {}
+    if args.file:
+        doc = load_manifest(args.file)
+        if doc["kind"] != "EvalJob":
+            raise SystemExit(f"dhad eval: {args.file} is a {doc['kind']}, expected an EvalJob")
+        settings = dict(doc["spec"].get("evaluation") or {})
+    overrides = {
+        "suites": args.suites.split(",") if args.suites else None,
+        "method": args.method,
+        "shots": args.shots,
+        "limit": args.limit,
+        "batchSize": args.batch_size,
+        "benchmarks": args.benchmarks,
+        "referenceAnswers": args.references,
+        "excludeDuplicates": True if args.exclude_duplicates else None,
+    }
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings.setdefault("suites", ["acva", "arabic-mmlu", "exams"])
+    if args.judge_model:  # keeps maxNewTokens / maxAttempts from the manifest
+        kept = {k: v for k, v in (settings.get("judge") or {}).items() if k not in ("model", "endpoint")}
+        settings["judge"] = {**kept, "model": {"uri": str(Path(args.judge_model).resolve())}}
+    try:
+        ev = Evaluation.model_validate(settings)
+        scores = run_evaluation(
+            ev,
+            args.model,
+            args.output / "report",
+            work_dir=args.output / "work",
+            max_new_tokens_open=args.max_new_tokens,
+        )
+    except (ValidationError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"dhad eval: {error}") from None
+    width = max((len(k) for k in scores), default=0)
+    for key, value in scores.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    print(f"report: {args.output / 'report' / 'summary.md'}")
+    return 0
+
+
+@command("duplicates")
+def duplicates(args: argparse.Namespace) -> int:
+    from dhad_trainer.evaluation.duplicates import find_duplicates
+    from dhad_trainer.evaluation.loaders import load_suite
+
+    items = load_suite(args.suite, args.benchmarks, args.split)
+    s = find_duplicates(items, threshold=args.threshold, ngram=args.ngram).summary(top=args.top)
+    print(f"{args.suite} ({args.split}): {s['n_items']} items")
+    print(
+        f"exact duplicates: {s['items_in_exact_groups']} items in {s['exact_groups']} groups "
+        f"(largest {s['largest_exact_group']}, {s['exact_redundant']} redundant copies)"
+    )
+    print(
+        f"with near duplicates: {s['items_in_groups']} items in {s['groups']} groups "
+        f"({s['near_groups']} near groups holding {s['items_in_near_groups']} items)"
+    )
+    print(f"groups with conflicting answers: {s['groups_with_conflicting_answers']}")
+    print(f"rule: {s['rule']}")
+    for g in s["top_groups"]:
+        print(f"  {g['kind']:<5} {g['size']:>4} items, {g['answers']} answers: {g['example'][:80]}")
+    return 0
+
+
+@command("eval-references")
+def eval_references(args: argparse.Namespace) -> int:
+    from dhad_trainer.evaluation.references import write_references
+    from dhad_trainer.stages.eval import load_runner, open_answer_tokens
+
+    runner = load_runner(args.model, batch_size=args.batch_size)
+    written = write_references(
+        runner,
+        args.benchmarks,
+        args.output,
+        suites=args.suites.split(","),
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens or open_answer_tokens(runner),
+        model=Path(args.model).name,
+    )
+    for suite, path in written.items():
+        print(f"{suite}: {path}")
+    return 0
+
+
+def _eval_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on the AceGPT Arabic suites and write a report")
+    p.add_argument("-f", "--file", type=Path, help="EvalJob manifest: its spec.evaluation, overridden by flags")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--suites", help="comma-separated: acva,arabic-mmlu,exams,vicuna-80,alpaca-eval")
+    p.add_argument("--method", choices=["generate", "loglikelihood"])
+    p.add_argument("--shots", type=int, help="dev examples per MC prompt (ACVA stays zero-shot)")
+    p.add_argument("--limit", type=int, help="items per suite, in file order")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--benchmarks", help="folder, s3:// prefix or hf:// with the benchmark files")
+    p.add_argument("--references", help="folder of <suite>.jsonl reference answers (open-ended suites)")
+    p.add_argument("--judge-model", help="local judge model folder (open-ended suites)")
+    p.add_argument("--max-new-tokens", type=int, help="open-ended answer length; default min(512, context/2)")
+    p.add_argument("--exclude-duplicates", action="store_true", help="also score without duplicate questions")
+    p.add_argument("--output", type=Path, default=Path("out/eval"))
+    p = sub.add_parser("duplicates", help="count exact and near-duplicate questions in a suite")
+    p.add_argument("--suite", required=True)
+    p.add_argument("--benchmarks", required=True)
+    p.add_argument("--split", choices=["test", "dev"], default="test")
+    p.add_argument("--threshold", type=float, default=0.8, help="near: character n-gram Jaccard at least this")
+    p.add_argument("--ngram", type=int, default=5)
+    p.add_argument("--top", type=int, default=5, help="largest groups to show")
+    p = sub.add_parser("eval-references", help="answer the open-ended suites with a model (a reference system)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--benchmarks", required=True)
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--suites", default="vicuna-80,alpaca-eval")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="dhad", description="Localize LLMs to Arabic: pre-train, SFT, RLAIF, evaluate.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -82,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="override every source URI (for example a local copy)")
     p = sub.add_parser("crds", help="write the CRDs generated from the API models")
     p.add_argument("--output", default=None)
+    _eval_parsers(sub)
     p = sub.add_parser("demo", help="the Dhad recipe on tiny models, on this machine")
     p.add_argument("--workdir", type=Path, default=Path("out/demo"))
     return top

@@ -1,0 +1,46 @@
+"""Test entry point: what the runtime's worker does, minus S3. Launched by torchrun with a job.json listing
+steps (stage, spec kind and dict, model_dir, root, inputs); starts the gloo process group once, builds each
+StageRun from torchrun's env and calls `dhad_trainer.stages.<stage>.run` in order (several stages share
+one launch to save process start-up). Each rank writes root/result-rank<r>.json per step."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from dhad_api import jobs
+from dhad_trainer.stages.base import StageRun
+
+
+def run_step(step: dict, rank: int, world: int) -> None:
+    root = Path(step["root"])
+    spec = getattr(jobs, step["kind"]).model_validate(step["spec"])
+    run = StageRun(spec=spec, stage=step["stage"], model_dir=Path(step["model_dir"]), work_dir=root / "work",
+                   output_dir=root / "out", inputs={k: Path(v) for k, v in step["inputs"].items()},
+                   rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True)
+    result = importlib.import_module(f"dhad_trainer.stages.{step['stage']}").run(run)
+    doc = {"metrics": result.metrics, "model_dir": str(result.model_dir) if result.model_dir else None,
+           "output_dir": str(run.output_dir), "world_size": world}
+    (root / f"result-rank{rank}.json").write_text(json.dumps(doc, default=str), encoding="utf-8")
+
+
+def main(job_file: str) -> None:
+    import torch.distributed as dist
+
+    job = json.loads(Path(job_file).read_text(encoding="utf-8"))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    for step in job["steps"]:
+        run_step(step, rank, world)
+        if dist.is_initialized():
+            dist.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
