@@ -21,5 +21,5 @@ ensure_venv() {
   if [ ! -x "$venv/bin/python" ]; then
     "$uv" venv -q --python 3.11 "$venv"
   fi
-  "$uv" pip install -q -p "$venv/bin/python" -e "$repo[operator,trainer,dev]"
+  "$uv" pip install -q -p "$venv/bin/python" -e "$repo[operator,trainer,local,dev]"
 }

@@ -171,6 +171,17 @@ class Job(DhadModel):
         return KINDS[self.kind].spec.model_validate(self.spec)
 
 
+def stages_for(kind: JobKind | str, spec: JobSpec) -> list[str]:
+    """The sub-stages this job runs, in order (SFT's respond only when spec.respond is set)."""
+    stages = list(KINDS[JobKind(kind)].stages)
+    if isinstance(spec, SFTJobSpec) and spec.respond is None:
+        stages.remove("respond")
+    return stages
+
+
+OUTPUT_STAGE = {"pretrain": "pretrain", "sft": "sft", "policy": "policy"}  # sub-stages that write the job's model
+
+
 def parse_spec(kind: JobKind | str, spec: dict) -> JobSpec:
     """Validates a spec dict (camelCase, as stored by the apiserver) into the kind's typed model."""
     return KINDS[JobKind(kind)].spec.model_validate(spec)

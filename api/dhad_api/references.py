@@ -1,4 +1,7 @@
-"""`model.fromJob` and friends: which other jobs a job waits for, and the model URIs they produced."""
+"""`model.fromJob` and friends: which other jobs a job waits for, and the model URIs they produced.
+
+Shared by the operator (which reads the referenced objects from the API) and local mode.
+"""
 
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from dhad_api.jobs import GROUP, KINDS, VERSION
+from dhad_api.references import references
 from dhad_operator.reconcile import Observed, Plan, progress_of
 from dhad_operator.render import LABEL_JOB, LABEL_KIND, Owner, progress_config_map_name
-from dhad_operator.resolve import references
 from dhad_operator.status import rfc3339
 
 log = logging.getLogger("dhad.k8s")

@@ -14,17 +14,15 @@ from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
-from dhad_api.jobs import KINDS, JobSpec, SFTJobSpec, parse_spec
+from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stages_for
 from dhad_api.layout import model_uri, output_root, stage_uri
 from dhad_api.naming import job_name
 from dhad_api.reasons import Reason
+from dhad_api.references import resolve_models
 from dhad_api.status import State
 from dhad_operator import observe
 from dhad_operator.render import LABEL_ATTEMPT, LABEL_STAGE, Defaults, Owner, static_children, training_job
-from dhad_operator.resolve import resolve_models
 from dhad_operator.status import enter, rfc3339, set_condition, state_of
-
-OUTPUT_STAGE = {"pretrain": "pretrain", "sft": "sft", "policy": "policy"}
 
 
 @dataclass
@@ -47,13 +45,6 @@ class Plan:
     events: list[tuple[str, str, str]] = field(default_factory=list)
     requeue_after: float | None = None
     restart_reason: str | None = None
-
-
-def stages_for(kind: str, spec: JobSpec) -> list[str]:
-    stages = list(next(i for i in KINDS.values() if i.kind.value == kind).stages)
-    if isinstance(spec, SFTJobSpec) and spec.respond is None:
-        stages.remove("respond")
-    return stages
 
 
 def _attempt_of(obj: dict) -> int:
