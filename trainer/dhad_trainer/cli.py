@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -204,9 +205,54 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("crds", help="write the CRDs generated from the API models")
     p.add_argument("--output", default=None)
     _eval_parsers(sub)
+    p = sub.add_parser("run", help="local mode: run manifests on this machine through the trainer's own code path")
+    p.add_argument("-f", "--file", action="append", required=True, type=Path, help="manifest (repeat to chain jobs)")
+    p.add_argument("--workdir", type=Path, default=Path("out/run"))
+    p.add_argument("--store", choices=["embedded", "env"], default="embedded",
+                   help="embedded: start a SeaweedFS S3 server for the run; env: use AWS_* from the environment")
+    p.add_argument("--put", action="append", default=[], metavar="LOCAL=s3://bucket/key",
+                   help="upload a local file or folder into the store before running")
     p = sub.add_parser("demo", help="the Dhad recipe on tiny models, on this machine")
     p.add_argument("--workdir", type=Path, default=Path("out/demo"))
     return top
+
+
+@command("run")
+def run_manifests(args: argparse.Namespace) -> int:
+    """Local mode: each manifest in order, fromJob resolved from the ones before it."""
+    from dhad_trainer.local import LocalRunError, Session, run_job
+
+    docs = [load_manifest(path) for path in args.file]
+    workdir = Path(args.workdir).resolve()
+    embedded = None
+    env: dict[str, str] = {}
+    try:
+        if args.store == "embedded":
+            from dhad_trainer.embedded_s3 import EmbeddedS3
+            from dhad_trainer.storage import open_store
+
+            embedded = EmbeddedS3(workdir / "s3").start()
+            env = embedded.env()
+            os.environ.update(env)
+            for doc in docs:
+                embedded.ensure_bucket(doc["spec"]["storage"]["bucket"])
+            for item in args.put:
+                source, _, target = item.partition("=")
+                store = open_store(target)
+                (store.upload_dir(source, target) if Path(source).is_dir() else store.upload_file(Path(source), target))
+            print(f"embedded S3 at {embedded.url} (data in {workdir / 's3'})")
+        session = Session(workdir, env)
+        for doc in docs:
+            print(f"== {doc['kind']} {doc['metadata']['name']}", flush=True)
+            status = run_job(doc, session)
+            print(json.dumps(status, indent=2, ensure_ascii=False))
+    except LocalRunError as error:
+        print(f"dhad run: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if embedded:
+            embedded.stop()
+    return 0
 
 
 @command("demo")

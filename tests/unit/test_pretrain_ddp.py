@@ -1,0 +1,104 @@
+"""A tiny PretrainJob under real torchrun (2 CPU processes, gloo) with checkpoints in a real S3 server:
+an uninterrupted run, a run that crashes after its step-4 checkpoint, and its rerun, which must resume
+at step 4 and then see the same batches and losses as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+
+from dhad_api.reasons import ExitCode, Reason
+from dhad_trainer.checkpoints import CheckpointStore
+from dhad_trainer.storage import open_store
+from dhad_trainer.tiny import DEFAULT_CORPUS, init_tiny_model
+from tests.unit.test_launcher import Launch, job_doc
+
+pytestmark = [pytest.mark.torchrun, pytest.mark.s3]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def runs(s3_server, s3_bucket, tmp_path_factory):
+    env = s3_server.env()
+    os.environ.update(env)  # this process reads the results from the same server
+    tmp = tmp_path_factory.mktemp("pretrain-ddp")
+    base = f"s3://{s3_bucket}/pretrain-ddp-{uuid.uuid4().hex[:6]}"
+    store = open_store(base)
+    store.upload_dir(init_tiny_model(tmp / "tiny", seed=0), f"{base}/models/tiny")
+    store.put_bytes(f"{base}/data/corpus.txt", DEFAULT_CORPUS.read_bytes())
+
+    def doc(uid: str) -> dict:
+        return job_doc(f"{base}/models/tiny", f"{base}/data/corpus.txt", root=f"{base}/{uid}", bucket=s3_bucket,
+                       uid=uid, steps=STEPS)
+
+    out = {"base": base, "store": store}
+    full = Launch.start(doc("a"), tmp / "a", {**env, "DHAD_TEST_BATCH_LOG": str(tmp / "a" / "batches")})
+    out["a"] = (full, full.wait())
+    crash_env = {**env, "DHAD_TEST_CRASH_AT_STEP": "5", "DHAD_TEST_CRASH_RANK": "1"}
+    crashed = Launch.start(doc("b"), tmp / "b1", crash_env)
+    out["crash"] = (crashed, crashed.wait())
+    out["after_crash"] = CheckpointStore(store, f"{base}/b/pretrain/checkpoints").steps()
+    resumed = Launch.start(doc("b"), tmp / "b2", {**env, "DHAD_TEST_BATCH_LOG": str(tmp / "b2" / "batches")})
+    out["resume"] = (resumed, resumed.wait())
+    return out
+
+
+def losses(store, root: str) -> dict[int, float]:
+    state = json.loads(store.get_bytes(f"{root}/pretrain/checkpoints/step-{STEPS:06d}/node-0/trainer_state.json"))
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def batches(launch: Launch, rank: int) -> list[list[int]]:
+    return [json.loads(line) for line in (launch.dir / f"batches.rank{rank}").read_text().splitlines()]
+
+
+def test_training_writes_checkpoints_progress_and_final_model(runs, tmp_path):
+    launch, code = runs["a"]
+    assert code == 0, launch.log[-4000:]
+    assert launch.termination["reason"] == Reason.STAGE_SUCCEEDED
+    store, root = runs["store"], f"{runs['base']}/a"
+    ckpts = CheckpointStore(store, f"{root}/pretrain/checkpoints")
+    assert ckpts.steps() == ([6, 8], [])  # keepLast 2
+    files = {f["path"] for f in json.loads(store.get_bytes(f"{ckpts.step_uri(8)}/MANIFEST.json"))["files"]}
+    assert {"node-0/model.safetensors", "node-0/optimizer.pt", "node-0/rng_state_0.pth", "node-0/rng_state_1.pth"} <= files
+    final = launch.reports()[-1]
+    assert final["final"] and final["step"] == STEPS and final["totalSteps"] == STEPS and final["tokensPerSecond"] > 0
+    assert final["lastCheckpoint"] == ckpts.step_uri(8) and final["outputModel"] == f"{root}/pretrain/model"
+    history = losses(store, root)
+    assert list(history) == list(range(1, STEPS + 1)) and history[STEPS] < history[1]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert store.exists(f"{root}/pretrain/model/MANIFEST.json")
+    store.download_dir(f"{root}/pretrain/model", tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    prompt = tokenizer("تقع مدينة", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 6
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert '"learningRate": 0.002' in card and '"prepared_data"' in card and '"commit"' in card
+
+
+def test_crash_exits_worker_failed_after_the_step_4_checkpoint(runs):
+    launch, code = runs["crash"]
+    assert code == ExitCode.WORKER_FAILED, launch.log[-4000:]
+    term = launch.termination
+    assert term["reason"] == Reason.WORKER_FAILED and "injected crash at step 5" in term["message"]
+    assert launch.reports()[-1]["final"] and launch.reports()[-1]["failed"]  # rank 0 still reports, last
+    assert runs["after_crash"] == ([2, 4], [])
+
+
+def test_rerun_resumes_at_step_4_with_the_same_data_and_losses(runs):
+    full, _ = runs["a"]
+    launch, code = runs["resume"]
+    assert code == 0, launch.log[-4000:]
+    assert "resuming from " + f"{runs['base']}/b/pretrain/checkpoints/step-000004" in launch.log
+    for rank in (0, 1):
+        assert batches(launch, rank) == batches(full, rank)[4:]  # steps 5..8, same blocks, same order
+    expected, got = losses(runs["store"], f"{runs['base']}/a"), losses(runs["store"], f"{runs['base']}/b")
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)

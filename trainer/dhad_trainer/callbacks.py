@@ -1,0 +1,134 @@
+"""The runtime's TrainerCallbacks, which every stage gets through `StageRun.callbacks`.
+
+- CheckpointCallback: each HF `checkpoint-N` save is published to the object store in the background.
+- ProgressCallback: step, loss, tokens/s and ETA go to the progress reporter (rank 0).
+- PreemptionCallback: after SIGTERM every rank agrees to save once more and stop.
+- TestHooks: faults for tests (DHAD_TEST_CRASH_AT_STEP), honoured only when set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from dhad_trainer import distributed
+from dhad_trainer.checkpoints import AsyncPublisher
+from dhad_trainer.distributed import Cluster
+from dhad_trainer.progress import ProgressReporter
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointCallback(TrainerCallback):
+    """on_save: wait for the previous upload, let every rank finish writing, then upload in the background."""
+
+    def __init__(self, publisher: AsyncPublisher | None, cluster: Cluster) -> None:
+        self.publisher, self.cluster = publisher, cluster
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.publisher is not None:
+            self.publisher.wait()
+        distributed.barrier()  # per-rank files (RNG state, ZeRO shards) are all on disk now
+        if self.publisher is not None and self.cluster.is_node_leader and folder.is_dir():
+            self.publisher.start(folder, state.global_step)
+            if not args.should_save:  # HF rotates checkpoints only where it saves the model
+                for old in Path(args.output_dir).glob("checkpoint-*"):
+                    if old != folder:
+                        shutil.rmtree(old, ignore_errors=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.wait()
+
+    def wait(self) -> None:
+        if self.publisher is not None:
+            self.publisher.wait()
+
+
+class ProgressCallback(TrainerCallback):
+    """Rank 0 turns HF logs into progress reports and a log line with tokens/s, learning rate and ETA."""
+
+    def __init__(self, reporter: ProgressReporter | None, cluster: Cluster) -> None:
+        self.reporter, self.cluster = reporter, cluster
+        self.tokens_per_step: int | None = None  # stages that know it set it (no per-step token gather)
+        self._start: tuple[float, int] | None = None
+        self._last: tuple[float, int, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = (time.monotonic(), state.global_step)
+        self._last = (time.monotonic(), state.global_step, self._tokens(state))
+
+    def _tokens(self, state) -> int:
+        if state.num_input_tokens_seen:
+            return int(state.num_input_tokens_seen)
+        return state.global_step * (self.tokens_per_step or 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.cluster.is_main or not logs or "loss" not in logs or self._last is None or self._start is None:
+            return  # the end-of-training summary has no loss of its own
+        now, tokens = time.monotonic(), self._tokens(state)
+        t0, s0, k0 = self._last
+        rate = (tokens - k0) / (now - t0) if tokens > k0 and now > t0 else None
+        self._last = (now, state.global_step, tokens)
+        done = state.global_step - self._start[1]
+        eta = None
+        if state.max_steps and done > 0:
+            eta = int((now - self._start[0]) / done * max(0, state.max_steps - state.global_step))
+        loss = logs["loss"]
+        if rate is not None:
+            logs.setdefault("tokens_per_second", round(rate, 1))
+        log.info("step %d/%d loss %s lr %s tokens/s %s eta %ss", state.global_step, state.max_steps, loss,
+                 logs.get("learning_rate"), None if rate is None else round(rate), eta)
+        if self.reporter is not None:
+            self.reporter.update(step=state.global_step, totalSteps=state.max_steps or None,
+                                 epoch=round(state.epoch, 4) if state.epoch is not None else None,
+                                 loss=loss, tokensPerSecond=None if rate is None else round(rate, 1), etaSeconds=eta)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.reporter is not None and self.cluster.is_main:
+            self.reporter.update(step=state.global_step, totalSteps=state.max_steps or None)
+
+
+class PreemptionCallback(TrainerCallback):
+    """After SIGTERM on any rank: all ranks save at the same step and stop (checked every step)."""
+
+    def __init__(self) -> None:
+        self.triggered = False
+        self.step: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if distributed.any_rank(distributed.preempted.is_set()):
+            log.warning("SIGTERM: saving a checkpoint at step %d and stopping", state.global_step)
+            self.triggered, self.step = True, state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class TestHooks(TrainerCallback):
+    """Faults for tests: DHAD_TEST_CRASH_AT_STEP=N raises on DHAD_TEST_CRASH_RANK (default 0) once step N's
+    checkpoint upload (if any) is complete; DHAD_TEST_STEP_SECONDS slows every step down."""
+
+    def __init__(self, checkpoint: CheckpointCallback, cluster: Cluster) -> None:
+        self.crash_at = int(os.environ.get("DHAD_TEST_CRASH_AT_STEP", "0"))
+        self.crash_rank = int(os.environ.get("DHAD_TEST_CRASH_RANK", "0"))
+        self.sleep = float(os.environ.get("DHAD_TEST_STEP_SECONDS", "0"))
+        self.checkpoint, self.cluster = checkpoint, cluster
+
+    @classmethod
+    def wanted(cls) -> bool:
+        return any(k in os.environ for k in ("DHAD_TEST_CRASH_AT_STEP", "DHAD_TEST_STEP_SECONDS"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.sleep:
+            time.sleep(self.sleep)
+        if self.crash_at and state.global_step == self.crash_at:
+            self.checkpoint.wait()
+            distributed.barrier()
+            if self.cluster.rank == self.crash_rank:
+                raise RuntimeError(f"injected crash at step {state.global_step} (DHAD_TEST_CRASH_AT_STEP)")

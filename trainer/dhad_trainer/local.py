@@ -1,0 +1,147 @@
+"""Local mode: `dhad run -f manifest.yaml` runs a job through the same launcher and stages on this machine,
+as the operator would on a cluster: one launcher process per node (JOB_COMPLETION_INDEX 0..N-1 on
+127.0.0.1), sub-stages in order, gang restarts that resume from the newest checkpoint, and fromJob
+resolved from jobs run earlier in the same session. Outputs go to the S3 API in the environment
+(the embedded server the CLI starts, or any other).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stages_for
+from dhad_api.layout import model_uri, output_root
+from dhad_api.reasons import NO_RETRY, ExitCode
+from dhad_api.references import resolve_models
+
+
+class LocalRunError(RuntimeError):
+    """A job failed in local mode; the message says which stage and why."""
+
+
+@dataclass
+class Session:
+    """Jobs run so far (for fromJob) and where their files go."""
+
+    workdir: Path
+    env: dict[str, str]
+    namespace: str = "local"
+    succeeded: dict[tuple[str, str], dict] = field(default_factory=dict)
+    show_progress: bool = True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def job_document(doc: dict, spec: JobSpec, session: Session) -> dict:
+    """The job.json the operator would render, with fromJob resolved from this session's jobs."""
+    name = doc["metadata"]["name"]
+    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"dhad-local/{session.namespace}/{doc['kind']}/{name}"))
+    observed = {key: {"status": status} for key, status in session.succeeded.items()}
+    resolved, waiting = resolve_models(spec, observed)
+    if waiting:
+        raise LocalRunError(f"{doc['kind']} {name}: {waiting[1]} (run that manifest first)")
+    resolved["outputRoot"] = output_root(spec.storage, session.namespace, name, uid)
+    return {"apiVersion": doc.get("apiVersion", "dhad.dev/v1alpha1"), "kind": doc["kind"],
+            "metadata": {"name": name, "namespace": session.namespace, "uid": uid},
+            "spec": spec.to_json_dict(), "resolved": resolved}
+
+
+def _watch(progress_file: Path, procs: list[subprocess.Popen], stage: str, show: bool) -> None:
+    """A progress line from rank 0's reports while the launchers run."""
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=stage, unit="step", dynamic_ncols=True, leave=True)
+    seen = 0
+    while any(p.poll() is None for p in procs):
+        time.sleep(0.5)
+        if bar is None or not progress_file.exists():
+            continue
+        lines = progress_file.read_text(encoding="utf-8").splitlines()
+        for line in lines[seen:]:
+            try:
+                report = json.loads(line)
+            except ValueError:
+                continue
+            if report.get("totalSteps"):
+                bar.total = report["totalSteps"]
+            bar.n = report.get("step", bar.n)
+            bar.set_postfix({k: round(report[k], 4) for k in ("loss", "tokensPerSecond") if report.get(k) is not None})
+            bar.refresh()
+        seen = len(lines)
+    if bar is not None:
+        bar.close()
+
+
+def run_stage(job_file: Path, spec: JobSpec, stage: str, attempt: int, session: Session, logs: Path) -> int:
+    """One attempt of one sub-stage: `nodes` launchers, as the Indexed Job's pods would be."""
+    port = _free_port()
+    progress_file = logs / f"{stage}-progress.jsonl"
+    procs = []
+    for index in range(spec.resources.nodes):
+        env = {**os.environ, **session.env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "JOB_COMPLETION_INDEX": str(index), "DHAD_STAGE": stage, "DHAD_ATTEMPT": str(attempt),
+               "DHAD_PROGRESS_FILE": str(progress_file), "DHAD_PROGRESS_INTERVAL": env_interval(),
+               "DHAD_TERMINATION_LOG": str(logs / f"{stage}-{attempt}-{index}.termination"),
+               "DHAD_NPROC_PER_NODE": str(max(spec.resources.gpus_per_node, 1))}
+        log = open(logs / f"{stage}-{attempt}-{index}.log", "ab")  # noqa: SIM115 - owned by the child
+        procs.append(subprocess.Popen([sys.executable, "-m", "dhad_trainer", "launch", str(job_file)],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    _watch(progress_file, procs, stage, session.show_progress)
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c != 0), 0)
+
+
+def env_interval() -> str:
+    return os.environ.get("DHAD_PROGRESS_INTERVAL", "2")
+
+
+def termination_message(logs: Path, stage: str, attempt: int) -> str:
+    messages = [p.read_text(errors="replace") for p in sorted(logs.glob(f"{stage}-{attempt}-*.termination"))]
+    return "; ".join(m for m in messages if m)[:2000]
+
+
+def run_job(doc: dict, session: Session) -> dict:
+    """Runs every sub-stage of one manifest; returns the status the operator would report."""
+    spec = parse_spec(doc["kind"], doc["spec"])
+    document = job_document(doc, spec, session)
+    name = doc["metadata"]["name"]
+    logs = session.workdir / "jobs" / f"{doc['kind'].lower()}-{name}"
+    logs.mkdir(parents=True, exist_ok=True)
+    job_file = logs / "job.json"
+    job_file.write_text(json.dumps(document, ensure_ascii=False, indent=2))
+    root = document["resolved"]["outputRoot"]
+    restarts = 0
+    for stage in stages_for(doc["kind"], spec):
+        attempt = 0
+        while True:
+            attempt += 1
+            code = run_stage(job_file, spec, stage, attempt, session, logs)
+            if code == 0:
+                break
+            message = termination_message(logs, stage, attempt)
+            if code in {int(c) for c in NO_RETRY} or restarts >= spec.restart_policy.max_restarts:
+                raise LocalRunError(f"{doc['kind']} {name}: stage {stage} failed (exit {code}): {message}; logs in {logs}")
+            if code != ExitCode.PREEMPTED:
+                restarts += 1
+            print(f"   stage {stage} attempt {attempt} failed ({message}); restarting from the newest checkpoint", flush=True)
+    status = {"state": "Succeeded", "restarts": restarts, "outputRoot": root, "logs": str(logs)}
+    last = stages_for(doc["kind"], spec)[-1]
+    if last in OUTPUT_STAGE:
+        status["outputModel"] = model_uri(root, OUTPUT_STAGE[last])
+    session.succeeded[(doc["kind"], name)] = status
+    return status
