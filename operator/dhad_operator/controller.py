@@ -27,6 +27,7 @@ class Controller:
         self._locks: dict[Key, threading.Lock] = {}
         self._guard = threading.Lock()
         self._due: list[tuple[float, Key]] = []
+        self._scheduled: dict[Key, float] = {}  # one pending run per job: the earliest asked for
         self._wake = threading.Condition()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="dhad-requeue")
         self._stopped = False
@@ -70,13 +71,20 @@ class Controller:
             return
         self.requeue(key, min(plan.requeue_after or self.resync_seconds, self.resync_seconds))
 
+    def enqueue(self, kind: str, namespace: str, name: str) -> None:
+        """What event handlers call: a burst of events about one job becomes one reconcile."""
+        self.requeue((kind, namespace, name), 0)
+
     def requeue(self, key: Key, delay: float) -> None:
+        due = time.monotonic() + max(delay, 0.0)
         with self._wake:
-            heapq.heappush(self._due, (time.monotonic() + max(delay, 0.0), key))
+            if key in self._scheduled and self._scheduled[key] <= due:
+                return
+            self._scheduled[key] = due
+            heapq.heappush(self._due, (due, key))
             self._wake.notify()
 
     def _requeue_loop(self) -> None:
-        pending: dict[Key, float] = {}
         while not self._stopped:
             with self._wake:
                 while not self._due or self._due[0][0] > time.monotonic():
@@ -85,9 +93,9 @@ class Controller:
                     if self._stopped:
                         return
                 due, key = heapq.heappop(self._due)
-                if pending.get(key, 0) > due:
-                    continue
-                pending[key] = time.monotonic()
+                if self._scheduled.get(key) != due:
+                    continue  # superseded by an earlier run
+                del self._scheduled[key]
             self._pool.submit(self.reconcile, *key)
 
     def stop(self) -> None:

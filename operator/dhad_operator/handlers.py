@@ -27,13 +27,13 @@ def _job_event(event, body, **_):
     if event["type"] == "DELETED":
         metrics.JOB_STATES.set(body["kind"], meta["namespace"], meta["name"], None)
         return
-    _controller.reconcile(body["kind"], meta["namespace"], meta["name"])
+    _controller.enqueue(body["kind"], meta["namespace"], meta["name"])
 
 
 def _child_event(body, **_):
     labels = body["metadata"].get("labels") or {}
     if labels.get(LABEL_KIND) in {i.kind.value for i in KINDS.values()}:
-        _controller.reconcile(labels[LABEL_KIND], body["metadata"]["namespace"], labels[LABEL_JOB])
+        _controller.enqueue(labels[LABEL_KIND], body["metadata"]["namespace"], labels[LABEL_JOB])
 
 
 for _info in KINDS.values():

@@ -169,8 +169,9 @@ class EndpointJudge(_Judge):
 
 
 class ModelJudge(_Judge):
-    """A local causal LM as judge. With `constrained`, an answer without a verdict gets one from the model's
-    own preference between "A" and "B" after the verdict cue (small local judges rarely keep the format)."""
+    """A local causal LM as judge. With `constrained`, an answer without a verdict (small local judges rarely
+    keep the format) gets one from the judge model's likelihood of each response given the prompt, which
+    does not depend on the order the two are shown in, so position-bias control can keep the pair."""
 
     def __init__(self, model_dir: str | Path, *, constrained: bool = True, batch_size: int = 8,
                  device: str = "cpu", **kw) -> None:
@@ -210,26 +211,33 @@ class ModelJudge(_Judge):
                                       pad_token_id=self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         out = []
-        for prompt, text in zip(prompts, texts, strict=True):
+        for item, text in zip(items, texts, strict=True):
             verdict, status = parse_verdict(text)
             judgement = Judgement(verdict, status, text, requests=1)
             if status == UNPARSEABLE and self.constrained:
-                judgement = Judgement(self._forced(prompt + text), OK, text, requests=1, forced=True)
+                judgement = Judgement(self._forced(item), OK, text, requests=1, forced=True)
             out.append(judgement)
         return out
 
-    def _forced(self, context: str) -> str:
-        """"A" or "B", whichever continuation of the verdict cue the model finds more likely."""
+    def _forced(self, item: tuple[str, str, str]) -> str:
+        """"A" or "B": the response with the higher mean token log-likelihood under the judge, given the prompt."""
         import torch
 
-        cue = PROMPTS.get(self.language, PROMPTS["en"])["cue"]
-        texts = [context + cue + letter + "]]" for letter in ("A", "B")]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        question, first, second = item
+        context = self._render([{"role": "user", "content": question}])
+        prefix = len(self.tokenizer(context, add_special_tokens=False)["input_ids"])
+        enc = self.tokenizer([context + first, context + second], return_tensors="pt", padding=True,
+                             add_special_tokens=False).to(self.model.device)
         positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding
         with torch.no_grad():
             logits = self.model(**enc, position_ids=positions).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
-        scores = (logp * enc["attention_mask"][:, 1:]).sum(-1)
+        mask = enc["attention_mask"][:, 1:].clone()
+        lengths = enc["attention_mask"].sum(-1)
+        for row in range(2):  # score only the response tokens
+            start = enc["input_ids"].shape[1] - int(lengths[row]) + prefix - 1
+            mask[row, : max(start, 0)] = 0
+        scores = (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         return "A" if scores[0] >= scores[1] else "B"
 
 

@@ -96,7 +96,9 @@ def run_stage(job_file: Path, spec: JobSpec, stage: str, attempt: int, session: 
                "JOB_COMPLETION_INDEX": str(index), "DHAD_STAGE": stage, "DHAD_ATTEMPT": str(attempt),
                "DHAD_PROGRESS_FILE": str(progress_file), "DHAD_PROGRESS_INTERVAL": env_interval(),
                "DHAD_TERMINATION_LOG": str(logs / f"{stage}-{attempt}-{index}.termination"),
-               "DHAD_NPROC_PER_NODE": str(max(spec.resources.gpus_per_node, 1))}
+               "DHAD_NPROC_PER_NODE": str(max(spec.resources.gpus_per_node, 1)),
+               # a pod's own disk: every node and attempt starts with an empty scratch folder
+               "DHAD_WORK_DIR": str(logs / "scratch" / f"attempt-{attempt}" / f"node-{index}")}
         log = open(logs / f"{stage}-{attempt}-{index}.log", "ab")  # noqa: SIM115 - owned by the child
         procs.append(subprocess.Popen([sys.executable, "-m", "dhad_trainer", "launch", str(job_file)],
                                       env=env, stdout=log, stderr=subprocess.STDOUT))

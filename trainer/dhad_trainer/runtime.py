@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from dhad_api.jobs import JobSpec, stages_for
-from dhad_api.layout import MANIFEST, checkpoints_uri, model_uri
+from dhad_api.layout import MANIFEST, checkpoints_uri, model_uri, stage_uri
 from dhad_api.reasons import Reason
 from dhad_trainer.launcher import ConfigError, failure_reason, load_job, output_root
 from dhad_trainer.storage import FileEntry, RoutingStore, open_store
@@ -113,6 +113,28 @@ def node_local_model(uri: str, dest: Path, spec: JobSpec, cluster) -> Path:
     return path or resolve()
 
 
+RESUMABLE_OUTPUT = {"respond"}  # stages that append to output_dir as results arrive
+
+
+def stage_inputs(job, spec: JobSpec, stage: str, root: str) -> dict[str, str]:
+    """Models and data a sub-stage reads besides its own model: earlier sub-stages' outputs, judges."""
+    resolved = job.resolved
+    inputs: dict[str, str] = {}
+    if spec.model.tokenizer:
+        inputs["tokenizer"] = spec.model.tokenizer
+    if stage in ("feedback", "eval") and resolved.judge_model_uri:
+        inputs["judge"] = resolved.judge_model_uri
+    if stage == "respond" and resolved.teacher_model_uri:
+        inputs["teacher"] = resolved.teacher_model_uri
+    if stage in ("reward", "policy"):
+        inputs["feedback"] = model_uri(root, "feedback")
+    if stage == "policy":
+        inputs["reward_model"] = resolved.reward_model_uri or model_uri(root, "reward")
+    if stage == "sft" and "respond" in stages_for(job.kind, spec):
+        inputs["respond"] = model_uri(root, "respond")
+    return inputs
+
+
 def work(job_file: str) -> dict:
     from dhad_trainer import distributed, modelio
     from dhad_trainer.callbacks import CheckpointCallback, PreemptionCallback, ProgressCallback, TestHooks
@@ -138,9 +160,8 @@ def work(job_file: str) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
     model_ref = job.resolved.model_uri or spec.model.uri
     model_dir = node_local_model(model_ref, work_dir / "base-model", spec, cluster)
-    inputs = {}
-    if spec.model.tokenizer:
-        inputs["tokenizer"] = node_local_model(spec.model.tokenizer, work_dir / "tokenizer", spec, cluster)
+    inputs = {name: node_local_model(uri, work_dir / "inputs" / name, spec, cluster)
+              for name, uri in stage_inputs(job, spec, stage, root).items()}
 
     ckpts = CheckpointStore(store, checkpoints_uri(root, stage), cluster.node_rank, cluster.nnodes,
                             distributed.leaders_exchange)
@@ -172,7 +193,15 @@ def work(job_file: str) -> dict:
         rank=cluster.rank, world_size=cluster.world_size, local_rank=cluster.local_rank, use_cpu=cluster.use_cpu,
     )
     run.output_dir.mkdir(parents=True, exist_ok=True)
-    result = load_stage(stage)(run)
+    partial = f"{stage_uri(root, stage)}/partial"
+    if stage in RESUMABLE_OUTPUT and cluster.is_main and store.list(partial):
+        store.download_dir(partial, run.output_dir)  # what a killed attempt already paid for
+    try:
+        result = load_stage(stage)(run)
+    except BaseException:
+        if stage in RESUMABLE_OUTPUT and cluster.is_main:
+            store.upload_dir(run.output_dir, partial)
+        raise
     checkpoint_cb.wait()
     if preemption.triggered:
         where = publisher.last_uri if publisher else "uploaded by this node's leader"
@@ -181,6 +210,8 @@ def work(job_file: str) -> dict:
     metrics = dict(result.metrics)
     input_hashes = metrics.pop("input_sha256", {})
     out_uri = None
+    if result.model_dir is None and any(run.output_dir.iterdir()):
+        result.model_dir = run.output_dir  # a stage whose output is data or a report, not a model
     if cluster.is_main and result.model_dir is not None:
         input_hashes = {"model": modelio.tree_hash(model_dir), **input_hashes}
         modelio.write_model_card(result.model_dir, kind=job.kind.value, stage=stage, spec=job.spec,
@@ -191,7 +222,12 @@ def work(job_file: str) -> dict:
     distributed.barrier()
     if reporter:
         numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        reporter.close(final=True, outputModel=out_uri, metrics=dict(list(numbers.items())[:32]))
+        extra = {}
+        if isinstance(metrics.get("scores"), dict):
+            extra["scores"] = {k: float(v) for k, v in metrics["scores"].items() if isinstance(v, int | float)}
+        if metrics.get("report") and out_uri:
+            extra["report"] = f"{out_uri}/{metrics['report']}"
+        reporter.close(final=True, outputModel=out_uri, metrics=dict(list(numbers.items())[:32]), **extra)
     return {"outputModel": out_uri, "metrics": metrics}
 
 

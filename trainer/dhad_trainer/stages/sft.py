@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from dhad_api.jobs import SFTJobSpec
-from dhad_api.stages import SFTSchema, SFTTraining
+from dhad_api.stages import SFTDataset, SFTSchema, SFTTraining
 from dhad_trainer.sft_data import load_sft_mix
 from dhad_trainer.stages.alignment import (
     barrier,
@@ -78,14 +78,25 @@ def prepare_model(run: StageRun, t: SFTTraining):
     return model, tokenizer, tokenizer.convert_tokens_to_ids(added)
 
 
+def respond_datasets(run: StageRun) -> list[SFTDataset]:
+    """The teacher's answers from the respond sub-stage, when it ran (its side files are skipped)."""
+    folder = run.inputs.get("respond")
+    if folder is None:
+        return []
+    from dhad_trainer.stages.respond import dataset_glob
+
+    return [SFTDataset(uri=dataset_glob(folder), schema=SFTSchema.MESSAGES)]
+
+
 def build_trainer(run: StageRun):
     """The configured SFTTrainer and tokenizer; split out so tests can inspect batches without training."""
     from trl import SFTTrainer
 
     spec: SFTJobSpec = run.spec
     t = spec.training
-    dataset, counts = load_sft_mix(spec.data, run.data_store, system_prompt=t.system_prompt, seed=t.seed)
-    completion_only = all(ds.schema_ is SFTSchema.PROMPT_COMPLETION for ds in spec.data)
+    datasets = list(spec.data) + respond_datasets(run)
+    dataset, counts = load_sft_mix(datasets, run.data_store, system_prompt=t.system_prompt, seed=t.seed)
+    completion_only = all(ds.schema_ is SFTSchema.PROMPT_COMPLETION for ds in datasets)
     if completion_only:
         dataset = as_prompt_completion(dataset)
     model, tokenizer, new_ids = prepare_model(run, t)
