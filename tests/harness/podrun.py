@@ -204,7 +204,10 @@ class PodRun:
             if read_only:
                 lines.append(f"mount -o remount,bind,ro {dst}")
         workdir = shlex.quote(self.container.get("workingDir") or str(self.dir / "work"))
-        return "\n".join([*lines, f"mkdir -p {workdir} && cd {workdir}", 'exec "$@"', ""])
+        # A container has its own /tmp; mounted last (after cd) since the pod's own dir may live under /tmp.
+        private_tmp = shlex.quote(str(self.dir / "tmp"))
+        return "\n".join([*lines, f"mkdir -p {workdir} {private_tmp} && cd {workdir}",
+                          f"mount --bind {private_tmp} /tmp", 'exec "$@"', ""])
 
     def start(self) -> None:
         """Resolves everything first (ConfigError/MountError leave nothing running), then starts."""
