@@ -115,3 +115,22 @@ def test_rlaif_runs_feedback_reward_policy_in_order(kube, namespace, dhad_operat
     assert [name for _, name in made] == ["tiny-rlaif-fb-1", "tiny-rlaif-rm-1", "tiny-rlaif-po-1"]
     assert done["status"]["outputModel"].endswith("/policy/model")
     assert PLURAL["RLAIFJob"] == "rlaifjobs"
+
+
+def test_sft_with_respond_runs_both_sub_stages(kube, namespace, dhad_operator):
+    sft = tiny("sft", podTemplate=FINISH)
+    sft["spec"]["respond"] = {
+        "prompts": [{"uri": "s3://dhad-demo/data/arabic_prompts.jsonl", "schema": "prompt-completion"}],
+        "teacher": {"endpoint": {"baseUrl": "https://teacher.example/v1", "model": "teacher-large",
+                                 "apiKeySecretRef": {"name": "teacher", "key": "api-key"}}},
+    }
+    apply(kube, namespace, sft)
+    done = wait_state(kube, namespace, "SFTJob", "tiny-sft", "Succeeded", 90)
+    assert [s["name"] for s in done["status"]["stages"]] == ["respond", "sft"]
+    made = sorted((j.metadata.creation_timestamp, j.metadata.name) for j in jobs(kube, namespace, "tiny-sft"))
+    assert [name for _, name in made] == ["tiny-sft-rsp-1", "tiny-sft-sft-1"]
+    respond_pod = next(p for p in pods(kube, namespace, "tiny-sft") if p.metadata.labels["dhad.dev/stage"] == "respond")
+    env = {e.name: e for e in respond_pod.spec.containers[0].env}
+    assert env["DHAD_STAGE"].value == "respond"
+    assert env["DHAD_TEACHER_API_KEY"].value_from.secret_key_ref.name == "teacher"
+    assert done["status"]["outputModel"].endswith("/sft/model")

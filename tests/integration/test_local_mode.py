@@ -1,0 +1,53 @@
+"""Local mode: `dhad run -f` runs an SFTJob with a respond sub-stage on this machine: a teacher (the
+OpenAI-compatible test server) answers the project's Arabic prompts, then SFT trains on the answers,
+through the same launcher, torchrun and stages as a cluster pod, against an embedded S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from dhad_trainer.tiny import ASSETS, init_tiny_model
+from tests.integration.jobs import REPO
+from tests.support.openai_server import OpenAIServer, Reply
+
+pytestmark = [pytest.mark.s3, pytest.mark.torchrun]
+
+
+def test_dhad_run_trains_on_teacher_answers(tmp_path):
+    prompts = [json.loads(line)["prompt"] for line in (ASSETS / "arabic_prompts.jsonl").read_text().splitlines()[:6]]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts))
+    model = init_tiny_model(tmp_path / "tiny-base")
+    doc = yaml.safe_load((REPO / "examples" / "tiny" / "sft.yaml").read_text())
+    def answer(body, attempt):
+        question = body["messages"][-1]["content"]
+        return Reply(content=f"الجواب المختصر عن سؤالك ذي الكلمات {len(question.split())}: المعرفة نور والعلم يرفع صاحبه.")
+
+    with OpenAIServer("sk-local-test", script=answer) as teacher:
+        doc["spec"].update(
+            model={"uri": "s3://dhad-demo/models/tiny-base"}, data=[],
+            resources={"nodes": 1, "gpusPerNode": 0},
+            respond={"prompts": [{"uri": "s3://dhad-demo/data/prompts.jsonl", "schema": "prompt-completion"}],
+                     "teacher": {"endpoint": {"baseUrl": teacher.base_url, "model": "teacher",
+                                              "apiKeySecretRef": {"name": "teacher", "key": "key"}}},
+                     "quality": {"minArabicRatio": 0.0}},
+        )
+        doc["spec"]["training"].update(maxSteps=4, packing=False)
+        manifest = tmp_path / "sft.yaml"
+        manifest.write_text(yaml.safe_dump(doc, allow_unicode=True))
+        env = {**os.environ, "DHAD_TEACHER_API_KEY": "sk-local-test", "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [sys.executable, "-m", "dhad_trainer.cli", "run", "-f", str(manifest), "--workdir", str(tmp_path / "run"),
+             "--put", f"{model}=s3://dhad-demo/models/tiny-base", "--put", f"{tmp_path / 'prompts.jsonl'}=s3://dhad-demo/data/prompts.jsonl"],
+            env=env, capture_output=True, text=True, timeout=600)
+        answered = dict(teacher.counts)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert '"state": "Succeeded"' in done.stdout and "/sft/model" in done.stdout
+    assert len(answered) == len(prompts) and all(count == 1 for count in answered.values()), answered
+    logs = (tmp_path / "run" / "jobs" / "sftjob-tiny-sft")
+    assert "respond" in (logs / "respond-1-0.log").read_text() and (logs / "sft-1-0.log").exists()
