@@ -28,8 +28,10 @@ AnnotationValue = Annotated[str, StringConstraints(max_length=4096)]
 # Env names the operator sets for torchrun and the trainer; a user value would break the wiring.
 RESERVED_ENV = (
     "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK",
-    "JOB_COMPLETION_INDEX", "DHAD_JOB_FILE", "DHAD_JOB_UID", "DHAD_ATTEMPT", "DHAD_STAGE",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+    "NNODES", "NPROC_PER_NODE", "JOB_COMPLETION_INDEX",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
+    "DHAD_STAGE", "DHAD_ATTEMPT", "DHAD_JOB_UID", "DHAD_JOB_FILE", "DHAD_NAMESPACE", "DHAD_PROGRESS_CONFIGMAP",
+    "DHAD_JUDGE_API_KEY", "DHAD_TEACHER_API_KEY",
 )
 
 
@@ -240,7 +242,7 @@ class EnvVar(RuledModel):
     """An environment variable for the trainer container."""
 
     name: Annotated[str, StringConstraints(pattern=ENV_NAME, max_length=128)] = Field(
-        description="name is the variable name; names the operator sets (MASTER_ADDR, RANK, WORLD_SIZE, AWS_*, DHAD_*) are reserved. Required."
+        description="name is the variable name; names the operator sets (MASTER_ADDR, RANK, WORLD_SIZE, NNODES, AWS_* credentials and endpoint, DHAD_STAGE, DHAD_ATTEMPT, DHAD_*_API_KEY, ...) are reserved. Required."
     )
     value: Annotated[str, StringConstraints(max_length=4096)] | None = Field(None, description="value is the literal value. Exactly one of value and valueFrom.")
     value_from: SecretEnvSource | None = Field(None, description="valueFrom takes the value from a Secret key. Exactly one of value and valueFrom.")

@@ -313,3 +313,18 @@ def test_golden_sft_children():
         GOLDEN.write_text(text)
     assert GOLDEN.exists(), "run with DHAD_UPDATE_GOLDEN=1 to write the golden file"
     assert GOLDEN.read_text() == text, "rendered children changed: review, then regenerate with DHAD_UPDATE_GOLDEN=1"
+
+
+def test_every_env_name_the_operator_sets_is_reserved_in_the_api():
+    """A user env var with one of these names would silently collide with the operator's wiring."""
+    import yaml as _yaml
+
+    from dhad_api.common import RESERVED_ENV
+    from dhad_api.jobs import parse_spec
+    from dhad_operator.render import Defaults, Owner, training_job
+
+    doc = _yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "gpu" / "acegpt-7b-rlaif.yaml").read_text())
+    spec = parse_spec(doc["kind"], doc["spec"])
+    job = training_job(Owner("RLAIFJob", "x", "ns", "uid"), spec, "feedback", 1, Defaults())
+    names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert names - {e.name for e in spec.env} <= set(RESERVED_ENV), names - set(RESERVED_ENV)
