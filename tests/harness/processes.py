@@ -15,12 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from dhad_trainer.embedded_s3 import free_port  # noqa: F401 - re-exported for the harness
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

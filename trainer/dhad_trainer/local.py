@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stages_for
 from dhad_api.layout import model_uri, output_root
 from dhad_api.reasons import NO_RETRY, ExitCode
 from dhad_api.references import resolve_models
+from dhad_trainer.embedded_s3 import free_port
 
 
 class LocalRunError(RuntimeError):
@@ -36,12 +36,6 @@ class Session:
     namespace: str = "local"
     succeeded: dict[tuple[str, str], dict] = field(default_factory=dict)
     show_progress: bool = True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def job_document(doc: dict, spec: JobSpec, session: Session) -> dict:
@@ -88,7 +82,7 @@ def _watch(progress_file: Path, procs: list[subprocess.Popen], stage: str, show:
 
 def run_stage(job_file: Path, spec: JobSpec, stage: str, attempt: int, session: Session, logs: Path) -> int:
     """One attempt of one sub-stage: `nodes` launchers, as the Indexed Job's pods would be."""
-    port = _free_port()
+    port = free_port()
     progress_file = logs / f"{stage}-progress.jsonl"
     procs = []
     for index in range(spec.resources.nodes):

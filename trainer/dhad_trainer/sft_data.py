@@ -101,6 +101,14 @@ def _text(record: dict, name: str) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+def _instruction_text(record: dict, f) -> str | None:
+    """An Alpaca-style user turn: the instruction, then the optional input after a blank line."""
+    instruction, extra = _text(record, f.instruction), _text(record, f.input)
+    if instruction is None:
+        return None
+    return f"{instruction}\n\n{extra}" if extra else instruction
+
+
 def to_messages(record: Any, ds: SFTDataset) -> Messages | None:
     """One record in `ds.schema` as a conversation that ends with an assistant turn, or None if broken."""
     if not isinstance(record, dict):
@@ -109,11 +117,9 @@ def to_messages(record: Any, ds: SFTDataset) -> Messages | None:
     if ds.schema_ is SFTSchema.MESSAGES:
         messages = clean_messages(record.get(f.messages))
     elif ds.schema_ is SFTSchema.INSTRUCTION_RESPONSE:
-        instruction, response = _text(record, f.instruction), _text(record, f.response)
-        if instruction is None or response is None:
+        user, response = _instruction_text(record, f), _text(record, f.response)
+        if user is None or response is None:
             return None
-        extra = _text(record, f.input)
-        user = f"{instruction}\n\n{extra}" if extra else instruction
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
     else:
         prompt, completion = record.get(f.prompt), record.get(f.completion)
@@ -133,8 +139,8 @@ def to_prompt(record: Any, ds: SFTDataset) -> Messages | None:
     if ds.schema_ is SFTSchema.MESSAGES:
         messages = clean_messages(record.get(f.messages))
     elif ds.schema_ is SFTSchema.INSTRUCTION_RESPONSE:
-        instruction, extra = _text(record, f.instruction), _text(record, f.input)
-        messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction}] if instruction else None
+        user = _instruction_text(record, f)
+        messages = [{"role": "user", "content": user}] if user else None
     else:
         prompt = record.get(f.prompt)
         messages = clean_messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
