@@ -272,8 +272,8 @@ def _stage_done(owner, spec, stages, stage, plan, now, root, generation) -> None
 def _next_attempt(owner, spec, stage, ours, plan, now, defaults, resolved, observed, generation) -> None:
     status = plan.status
     attempt = status.get("attempt", 0)
-    lingering = [j for j in ours if _attempt_of(j) <= attempt and not observe.job_finished(j) or _deleting(j)]
-    lingering += [j for j in ours if _attempt_of(j) <= attempt and observe.job_finished(j) == "Failed"]
+    # anything being deleted, or an earlier attempt that did not complete, still holds pods
+    lingering = [j for j in ours if _deleting(j) or (_attempt_of(j) <= attempt and observe.job_finished(j) != "Complete")]
     if lingering:
         plan.delete_jobs += [j["metadata"]["name"] for j in lingering if not _deleting(j)]
         plan.requeue_after = 2
