@@ -57,7 +57,7 @@ def step_times(publisher_mode: str, ckpts, tmp: Path, steps: int, every: int, fo
     (matmuls: training on CPU) or a 60 ms wait (training on a GPU, where the host CPU is mostly idle)."""
     import torch
 
-    from dhad_trainer.checkpoints import AsyncPublisher
+    from dhad_trainer.storage.checkpoints import AsyncPublisher
 
     torch.manual_seed(0)
     a = torch.randn(768, 768)
@@ -85,8 +85,8 @@ def main() -> None:
     p.add_argument("--every", type=int, default=0, help="steps between saves (default: ~3 upload times)")
     args = p.parse_args()
 
-    from dhad_trainer.checkpoints import CheckpointStore
-    from dhad_trainer.storage import open_store
+    from dhad_trainer.storage.checkpoints import CheckpointStore
+    from dhad_trainer.storage.routing import open_store
 
     tmp = Path(tempfile.mkdtemp(prefix="dhad-bench-ckpt-"))
     server = None

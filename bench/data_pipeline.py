@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 
 def generate(path: Path, megabytes: float, seed: int = 0) -> int:
-    from dhad_trainer.tiny import DEFAULT_CORPUS
+    from dhad_trainer.local.tiny import DEFAULT_CORPUS
 
     words = DEFAULT_CORPUS.read_text(encoding="utf-8").split()
     rng = random.Random(seed)
@@ -70,7 +70,7 @@ def main() -> None:
     from dhad_api.data_prep import DataPrepSpec, SourceSpec
     from dhad_trainer.data.prepare import prepare
     from dhad_trainer.data.readers import iter_source
-    from dhad_trainer.tiny import init_tiny_model
+    from dhad_trainer.local.tiny import init_tiny_model
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dhad-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)

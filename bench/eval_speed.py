@@ -29,7 +29,7 @@ BENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "benchmarks" / "
 def tiny_model(out: Path, letters: bool) -> str:
     """A tiny random Llama; `letters` adds AceGPT-style answer lines to its tokenizer corpus, so " A"
     .. " D" become one token each, as in real LLM tokenizers (Llama, Qwen, Jais)."""
-    from dhad_trainer.tiny import DEFAULT_CORPUS, init_tiny_model
+    from dhad_trainer.local.tiny import DEFAULT_CORPUS, init_tiny_model
 
     corpus = DEFAULT_CORPUS
     if letters:

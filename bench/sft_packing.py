@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from dhad_api.jobs import SFTJobSpec
+from dhad_trainer.local.tiny import DEFAULT_INSTRUCTIONS, init_tiny_model
 from dhad_trainer.stages import sft
 from dhad_trainer.stages.base import StageRun
-from dhad_trainer.tiny import DEFAULT_INSTRUCTIONS, init_tiny_model
 
 
 def measure(model_dir: Path, data: Path, root: Path, packing: bool, sequence_length: int, batch: int) -> dict:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 
 def documents(n: int, seed: int = 0) -> list[str]:
-    from dhad_trainer.tiny import DEFAULT_CORPUS
+    from dhad_trainer.local.tiny import DEFAULT_CORPUS
 
     lines = [line for line in DEFAULT_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
     rng = random.Random(seed)
@@ -94,8 +94,8 @@ def compare(args) -> None:
     import torch
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
+    from dhad_trainer.local.tiny import init_tiny_model
     from dhad_trainer.stages.pretrain import PackedCollator
-    from dhad_trainer.tiny import init_tiny_model
 
     torch.set_num_threads(args.threads)
     model_dir = init_tiny_model(Path(tempfile.mkdtemp()) / "m", hidden_size=args.hidden, num_layers=args.layers,
@@ -128,7 +128,7 @@ def compare(args) -> None:
 
 def scaling(args) -> None:
     """1 node x 1 process vs 2 nodes x 1 process through the real launcher (tokens/s from progress)."""
-    from dhad_trainer.tiny import DEFAULT_CORPUS, init_tiny_model
+    from dhad_trainer.local.tiny import DEFAULT_CORPUS, init_tiny_model
     from tests.unit.test_launcher import Launch, job_doc
 
     tmp = Path(tempfile.mkdtemp())

@@ -4,6 +4,6 @@ One bucket per test session with a prefix per test (tests/conftest.py): every bu
 volume slots, and writes fail with "No writable volumes" when many buckets exist.
 """
 
-from dhad_trainer.embedded_s3 import EmbeddedS3 as S3Server
+from dhad_trainer.storage.embedded_s3 import EmbeddedS3 as S3Server
 
 __all__ = ["S3Server"]

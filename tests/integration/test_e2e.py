@@ -12,7 +12,8 @@ import yaml
 from kubernetes import client
 
 from dhad_api.layout import split_s3
-from dhad_trainer.tiny import ASSETS, init_tiny_model
+from dhad_trainer.data.chat import ASSETS
+from dhad_trainer.local.tiny import init_tiny_model
 from tests.conftest import wait_for
 from tests.harness.controlplane import kubectl
 from tests.harness.node_agent import NODE_SELECTOR, node_agent  # noqa: F401 - the fixture

@@ -12,7 +12,8 @@ import sys
 import pytest
 import yaml
 
-from dhad_trainer.tiny import ASSETS, init_tiny_model
+from dhad_trainer.data.chat import ASSETS
+from dhad_trainer.local.tiny import init_tiny_model
 from tests.integration.jobs import REPO
 from tests.support.openai_server import OpenAIServer, Reply
 

@@ -39,7 +39,7 @@ class StepRecorder(TrainerCallback):
 @functools.cache
 def tiny_lm() -> Path:
     """The tiny causal LM, built once per test process (BPE training costs seconds)."""
-    from dhad_trainer.tiny import init_tiny_model
+    from dhad_trainer.local.tiny import init_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="dhad-align-"))
     atexit.register(shutil.rmtree, root, True)

@@ -10,8 +10,9 @@ import uuid
 
 import pytest
 
-from dhad_trainer.checkpoints import AsyncPublisher, CheckpointStore
-from dhad_trainer.storage import LocalStore, open_store
+from dhad_trainer.storage.checkpoints import AsyncPublisher, CheckpointStore
+from dhad_trainer.storage.local import LocalStore
+from dhad_trainer.storage.routing import open_store
 from tests.harness.s3 import S3Server
 
 pytestmark = pytest.mark.s3
@@ -164,7 +165,7 @@ def test_s3_stopped_during_upload_leaves_previous_checkpoint_newest(tmp_path, mo
 
 def test_resume_prefers_own_checkpoints_then_resume_from(tmp_path):
     from dhad_api.jobs import PretrainJobSpec
-    from dhad_trainer.runtime import choose_resume, fetch_checkpoint
+    from dhad_trainer.runtime.worker import choose_resume, fetch_checkpoint
 
     store = LocalStore()
     other = CheckpointStore(store, str(tmp_path / "failed-job" / "pretrain" / "checkpoints"))

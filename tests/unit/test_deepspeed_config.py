@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dhad_api.common import Distributed
-from dhad_trainer import deepspeed_config
+from dhad_trainer.runtime import deepspeed_config
 
 
 def test_ddp_and_fsdp_have_no_deepspeed_config():
@@ -43,7 +43,7 @@ def test_resolve_fills_batch_arithmetic():
 @pytest.fixture
 def one_process_group(monkeypatch):
     """DeepSpeed needs a process group even alone: a real one-process gloo group, as the runtime makes."""
-    from dhad_trainer import distributed
+    from dhad_trainer.runtime import distributed
     from tests.harness.processes import free_port
 
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",

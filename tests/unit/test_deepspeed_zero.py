@@ -17,9 +17,9 @@ import uuid
 import pytest
 
 from dhad_api.reasons import ExitCode, Reason
-from dhad_trainer.checkpoints import CheckpointStore
-from dhad_trainer.storage import open_store
-from dhad_trainer.tiny import DEFAULT_CORPUS, init_tiny_model
+from dhad_trainer.local.tiny import DEFAULT_CORPUS, init_tiny_model
+from dhad_trainer.storage.checkpoints import CheckpointStore
+from dhad_trainer.storage.routing import open_store
 from tests.harness.processes import free_port
 from tests.unit.test_launcher import Launch, job_doc
 

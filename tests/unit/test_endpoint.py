@@ -14,14 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dhad_trainer.endpoint import (
-    ChatRequest,
-    EndpointClient,
-    EndpointConfig,
-    RateLimiter,
-    estimate_tokens,
-    parse_retry_after,
-)
+from dhad_trainer.llm.client import EndpointClient, estimate_tokens, parse_retry_after
+from dhad_trainer.llm.limiter import RateLimiter
+from dhad_trainer.llm.types import ChatRequest, EndpointConfig
 from tests.support.openai_server import OpenAIServer
 
 KEY = "sk-dhad-SECRET-7f3a9c1e5b"

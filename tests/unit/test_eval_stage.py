@@ -33,7 +33,7 @@ LIMIT = 8
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny model and its own 16-token answers as the reference system (via `dhad eval-references`)."""
-    from dhad_trainer.tiny import init_tiny_model
+    from dhad_trainer.local.tiny import init_tiny_model
 
     root = tmp_path_factory.mktemp("eval-stage")
     model = init_tiny_model(root / "tiny", max_position=128)
@@ -108,7 +108,7 @@ def test_other_ranks_do_not_evaluate(tmp_path: Path) -> None:
 
 
 def test_judges_are_the_rlaif_judges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from dhad_trainer.judge import EndpointJudge
+    from dhad_trainer.llm.judges import EndpointJudge
 
     endpoint = {"baseUrl": "http://judge:8000/v1", "model": "j", "apiKeySecretRef": {"name": "s", "key": "k"}}
     monkeypatch.setenv("DHAD_JUDGE_API_KEY", "sk-test")

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from dhad_api.stages import Endpoint
-from dhad_trainer.judge import (
+from dhad_trainer.llm.judges import (
     ERROR,
     JUDGE_API_KEY_ENV,
     OK,

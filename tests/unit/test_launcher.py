@@ -18,9 +18,9 @@ import pytest
 
 from dhad_api.jobs import Job
 from dhad_api.reasons import ExitCode, Reason
-from dhad_trainer import launcher
 from dhad_trainer.data.readers import DataError
-from dhad_trainer.tiny import DEFAULT_CORPUS
+from dhad_trainer.local.tiny import DEFAULT_CORPUS
+from dhad_trainer.runtime import launcher
 from tests.harness.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,7 +183,7 @@ def test_torchrun_command_and_thread_budget(model_dir, monkeypatch):
 
 
 def test_stage_modules_are_found_by_name():
-    from dhad_trainer.runtime import load_stage
+    from dhad_trainer.runtime.worker import load_stage
 
     assert callable(load_stage("pretrain"))
     with pytest.raises(launcher.ConfigError, match="dhad_trainer.stages.nosuchstage"):

@@ -10,7 +10,13 @@ import urllib.error
 import pytest
 
 from dhad_api.reasons import NAMESPACE_ENV, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
-from dhad_trainer.progress import FileSink, KubeConfigMapSink, ProgressReporter, log_sink, sink_from_env
+from dhad_trainer.runtime.progress import (
+    FileSink,
+    KubeConfigMapSink,
+    ProgressReporter,
+    log_sink,
+    sink_from_env,
+)
 
 
 def test_reporter_coalesces_and_always_sends_a_final_report(tmp_path):

@@ -12,9 +12,9 @@ import uuid
 import pytest
 
 from dhad_api.reasons import ExitCode, Reason
-from dhad_trainer.checkpoints import CheckpointStore
-from dhad_trainer.storage import open_store
-from dhad_trainer.tiny import DEFAULT_CORPUS, init_tiny_model
+from dhad_trainer.local.tiny import DEFAULT_CORPUS, init_tiny_model
+from dhad_trainer.storage.checkpoints import CheckpointStore
+from dhad_trainer.storage.routing import open_store
 from tests.unit.test_launcher import Launch, job_doc
 
 pytestmark = [pytest.mark.torchrun, pytest.mark.s3]

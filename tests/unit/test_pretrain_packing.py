@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from dhad_api.jobs import PretrainJobSpec  # noqa: E402
+from dhad_trainer.local.tiny import init_tiny_model  # noqa: E402
 from dhad_trainer.stages.pretrain import PackedCollator, max_steps_for  # noqa: E402
-from dhad_trainer.tiny import init_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

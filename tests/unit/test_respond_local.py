@@ -12,8 +12,8 @@ pytest.importorskip("transformers")
 
 from dhad_api.jobs import SFTJobSpec  # noqa: E402
 from dhad_api.stages import SFTDataset  # noqa: E402
-from dhad_trainer import tiny  # noqa: E402
-from dhad_trainer.sft_data import load_sft_mix  # noqa: E402
+from dhad_trainer.data.conversations import load_sft_mix  # noqa: E402
+from dhad_trainer.local import tiny  # noqa: E402
 from dhad_trainer.stages import respond as stage  # noqa: E402
 from dhad_trainer.stages.base import StageRun  # noqa: E402
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dhad_api.stages import QualityGates
-from dhad_trainer.quality import Gates, Reject, is_copy
+from dhad_trainer.llm.quality import Gates, Reject, is_copy
 
 GOOD = "الماء ضروري للجسم لأنه ينظم الحرارة ويساعد على الهضم ونقل الغذاء إلى الخلايا."
 PROMPT = "ما فوائد شرب الماء بانتظام؟"

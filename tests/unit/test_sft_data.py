@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dhad_api.stages import SFTDataset
+from dhad_trainer.data.conversations import ARABIC_SYSTEM_PROMPT, load_prompts, load_sft_mix, mix
 from dhad_trainer.data.readers import DataError
-from dhad_trainer.sft_data import ARABIC_SYSTEM_PROMPT, load_prompts, load_sft_mix, mix
 
 pytest.importorskip("datasets")
 

@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from dhad_trainer.data.chat import IM_END  # noqa: E402
 from dhad_trainer.stages import sft  # noqa: E402
-from dhad_trainer.tiny import IM_END  # noqa: E402
 from tests.support.alignment import StepRecorder, distributed_chain, sft_spec, stage_run, tiny_lm  # noqa: E402
 
 

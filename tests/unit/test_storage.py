@@ -10,10 +10,12 @@ import os
 import pytest
 
 from dhad_api.data_prep import SourceSpec
-from dhad_trainer import s3store
 from dhad_trainer.data.readers import ObjectStore, iter_source
-from dhad_trainer.s3store import S3Store
-from dhad_trainer.storage import LocalStore, RoutingStore, StorageError, open_store
+from dhad_trainer.storage import s3
+from dhad_trainer.storage.base import StorageError
+from dhad_trainer.storage.local import LocalStore
+from dhad_trainer.storage.routing import RoutingStore, open_store
+from dhad_trainer.storage.s3 import S3Store
 
 
 @pytest.fixture
@@ -64,7 +66,7 @@ def test_bytes_list_exists_size_delete(store_and_root):
 @pytest.mark.s3
 def test_folder_round_trip_with_hashes_and_multipart(store_and_root, tmp_path, monkeypatch):
     store, root = store_and_root
-    monkeypatch.setattr(s3store, "PART_SIZE", 5 * 1024 * 1024)  # S3's smallest part: 3 parts for 11 MiB
+    monkeypatch.setattr(s3, "PART_SIZE", 5 * 1024 * 1024)  # S3's smallest part: 3 parts for 11 MiB
     src = make_tree(tmp_path / "src", big=11 * 1024 * 1024 + 7)
     seen = []
     up = store.upload_dir(src, f"{root}/tree", on_file=seen.append)

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dhad_trainer import tiny  # noqa: E402
+from dhad_trainer.local import tiny  # noqa: E402
 
 SAMPLES = [
     "مرحبًا بكم في مدينة الرياض.",

@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dhad_trainer import vocab  # noqa: E402
-from dhad_trainer.tiny import DEFAULT_CORPUS, init_tiny_model  # noqa: E402
+from dhad_trainer.data import vocab  # noqa: E402
+from dhad_trainer.local.tiny import DEFAULT_CORPUS, init_tiny_model  # noqa: E402
 
 HELD_OUT = [  # not in the corpus
     "يحب الأطفال اللعب في الحديقة بعد المدرسة، وتجلس الأمهات على المقاعد يتحدثن عن شؤون البيت.",

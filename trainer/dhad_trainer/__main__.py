@@ -8,11 +8,11 @@ import sys
 
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "launch":
-        from dhad_trainer.launcher import launch
+        from dhad_trainer.runtime.launcher import launch
 
         return int(launch(argv[1]))
     if len(argv) == 2 and argv[0] == "worker":
-        from dhad_trainer.runtime import main as worker
+        from dhad_trainer.runtime.worker import main as worker
 
         return worker(argv[1])
     from dhad_trainer.cli import main as cli

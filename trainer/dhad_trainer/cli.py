@@ -35,7 +35,7 @@ def load_manifest(path: Path) -> dict:
 
 @command("init-model")
 def init_model(args: argparse.Namespace) -> int:
-    from dhad_trainer.tiny import init_tiny_model
+    from dhad_trainer.local.tiny import init_tiny_model
 
     out = init_tiny_model(args.output, kind=args.kind, seed=args.seed)
     print(f"tiny {args.kind} model written to {out}")
@@ -220,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
 @command("run")
 def run_manifests(args: argparse.Namespace) -> int:
     """Local mode: each manifest in order, fromJob resolved from the ones before it."""
-    from dhad_trainer.local import LocalRunError, Session, run_job
+    from dhad_trainer.local.run import LocalRunError, Session, run_job
 
     docs = [load_manifest(path) for path in args.file]
     workdir = Path(args.workdir).resolve()
@@ -228,8 +228,8 @@ def run_manifests(args: argparse.Namespace) -> int:
     env: dict[str, str] = {}
     try:
         if args.store == "embedded":
-            from dhad_trainer.embedded_s3 import EmbeddedS3
-            from dhad_trainer.storage import open_store
+            from dhad_trainer.storage.embedded_s3 import EmbeddedS3
+            from dhad_trainer.storage.routing import open_store
 
             embedded = EmbeddedS3(workdir / "s3").start()
             env = embedded.env()
@@ -257,7 +257,7 @@ def run_manifests(args: argparse.Namespace) -> int:
 
 @command("demo")
 def demo(args: argparse.Namespace) -> int:
-    from dhad_trainer.demo import run_demo
+    from dhad_trainer.local.demo import run_demo
 
     return run_demo(args.workdir)
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dhad_api.data_prep import SourceFormat, SourceSpec, TextSplit
+from dhad_trainer.storage.local import LocalStore
 
 _GLOB_CHARS = "*?["
 
@@ -40,27 +41,6 @@ class ObjectStore(Protocol):
     def open(self, uri: str) -> BinaryIO: ...
 
     def list(self, prefix: str) -> Iterable[str]: ...
-
-
-class LocalStore:
-    """Local filesystem: `list(prefix)` is every file whose path starts with `prefix` (recursive)."""
-
-    def open(self, uri: str) -> BinaryIO:
-        return open(uri, "rb")  # the caller closes it
-
-    def list(self, prefix: str) -> Iterable[str]:
-        if os.path.isfile(prefix):  # a file: itself (siblings sharing the prefix are not wanted here)
-            return [prefix]
-        base = prefix if os.path.isdir(prefix) else os.path.dirname(prefix) or "."
-        out = []
-        for root, _dirs, files in os.walk(base):
-            for name in files:
-                path = os.path.join(root, name)
-                if base == "." and not prefix.startswith("."):
-                    path = os.path.relpath(path)
-                if path.startswith(prefix):
-                    out.append(path)
-        return sorted(out)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 detection, generation and log-likelihood scoring, and reports.
 
 Torch is only imported by `runner` (HFModelRunner), so loading, parsing and metrics stay light.
+May import data/ and storage/; never stages/, runtime/ or local/ (judges come in as a `Judge`).
 """
 
 from dhad_trainer.evaluation.duplicates import DuplicateReport, find_duplicates

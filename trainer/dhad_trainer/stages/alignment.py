@@ -20,8 +20,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from dhad_api.stages import ChatTemplate, ChatTemplateSource
+from dhad_trainer.data.chat import IM_END, IM_START, load_chat_template
 from dhad_trainer.stages.base import StageRun, training_arguments
-from dhad_trainer.tiny import IM_END, IM_START, load_chat_template
 
 INPUT_FEEDBACK, INPUT_REWARD_MODEL, INPUT_JUDGE = "feedback", "reward_model", "judge"
 PAIRS_DIR, PROMPTS_DIR, CACHE_DIR, STATS_FILE = "pairs", "prompts", "cache", "stats.json"

@@ -12,7 +12,7 @@ How the spec maps (choices the API leaves open):
 - `excludeDuplicates` adds the figures without every member of a duplicate group (policy "all");
   duplicate counts are reported either way.
 - open-ended answers get at most min(512, context/2) new tokens, so the question keeps half the window.
-- the judge is RLAIF's (`dhad_trainer.judge`, Arabic prompt) with AceGPT's answer-quality criteria as
+- the judge is RLAIF's (`dhad_trainer.llm.judges`, Arabic prompt) with AceGPT's answer-quality criteria as
   its constitution; the scorer asks in both orders. `judge.model` is a local folder: `run.inputs["judge"]` (the runtime resolves fromJob,
   s3:// and hf:// there) or else an absolute path in `uri`; `judge.endpoint` reads its key from env
   DHAD_JUDGE_API_KEY when `apiKeySecretRef` is set (the runtime injects it under that name).
@@ -70,8 +70,8 @@ def open_answer_tokens(runner: Any) -> int:
 
 
 def make_judge(judge: Judge, local_dir: str | Path | None = None, *, batch_size: int = 8) -> Any:
-    """The RLAIF judge (`dhad_trainer.judge`) for the spec; its `compare()` is the evaluation's Judge."""
-    from dhad_trainer.judge import EndpointJudge, ModelJudge, endpoint_config
+    """The RLAIF judge (`dhad_trainer.llm.judges`) for the spec; its `compare()` is the evaluation's Judge."""
+    from dhad_trainer.llm.judges import EndpointJudge, ModelJudge, endpoint_config
 
     common: dict[str, Any] = dict(
         constitution=EVAL_CRITERIA,

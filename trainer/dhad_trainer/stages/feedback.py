@@ -21,7 +21,8 @@ from collections import Counter
 from itertools import combinations
 
 from dhad_api.stages import Feedback, PairSelection
-from dhad_trainer.judge import (
+from dhad_trainer.data.conversations import load_prompts
+from dhad_trainer.llm.judges import (
     ERROR,
     OK,
     REFUSED,
@@ -31,7 +32,6 @@ from dhad_trainer.judge import (
     endpoint_config,
     render_question,
 )
-from dhad_trainer.sft_data import load_prompts
 from dhad_trainer.stages.alignment import (
     CACHE_DIR,
     HELD_OUT,

@@ -22,7 +22,7 @@ import logging
 
 from dhad_api.jobs import RLAIFJobSpec
 from dhad_api.stages import PolicyAlgorithm, PolicyStage
-from dhad_trainer.sft_data import load_prompts
+from dhad_trainer.data.conversations import load_prompts
 from dhad_trainer.stages.alignment import (
     INPUT_FEEDBACK,
     INPUT_REWARD_MODEL,

@@ -32,13 +32,13 @@ import torch
 
 from dhad_api.data_prep import SourceSpec
 from dhad_api.jobs import PretrainJobSpec
-from dhad_trainer import distributed
-from dhad_trainer.callbacks import ProgressCallback
 from dhad_trainer.data.pack import eos_id_for
 from dhad_trainer.data.prepare import STATS_FILE, prepare
 from dhad_trainer.data.readers import DataError, iter_source
-from dhad_trainer.modelio import tree_hash
+from dhad_trainer.runtime import distributed
+from dhad_trainer.runtime.callbacks import ProgressCallback
 from dhad_trainer.stages.base import StageResult, StageRun, training_arguments
+from dhad_trainer.storage.models import tree_hash
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _corpus_for_vocabulary(run: StageRun, tokenizer, base_data: Path) -> list[st
     if spec.vocabulary.corpus:
         raw = iter_source(SourceSpec(uri=spec.vocabulary.corpus), run.data_store)
         return [t for t in raw if isinstance(t, str) and t.strip()]
-    from dhad_trainer.vocab import documents_from_blocks
+    from dhad_trainer.data.vocab import documents_from_blocks
 
     prepare(spec.data, tokenizer, base_data, store=run.data_store)
     return list(documents_from_blocks(sorted(base_data.glob("part-*.parquet")), tokenizer,
@@ -98,7 +98,7 @@ def prepare_on_node(run: StageRun, tokenizer_dir: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     report: dict = {}
     if spec.vocabulary.new_tokens:
-        from dhad_trainer.vocab import expand_vocabulary
+        from dhad_trainer.data.vocab import expand_vocabulary
 
         texts = _corpus_for_vocabulary(run, tokenizer, run.work_dir / "data-base-vocab")
         held_out, train = texts[::20], [t for i, t in enumerate(texts) if i % 20]

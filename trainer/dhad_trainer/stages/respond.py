@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from dhad_api.stages import Respond
-from dhad_trainer.data.readers import DataError, LocalStore
-from dhad_trainer.prompt_data import Prompt, load_prompts
-from dhad_trainer.quality import Gates
-from dhad_trainer.response_cache import CACHE_FILE, SHARD_GLOB, STATS_FILE, OutputWriter, ResponseCache
-from dhad_trainer.stages.base import StageResult, StageRun
-from dhad_trainer.teachers import (
+from dhad_trainer.data.prompts import Prompt, load_prompts
+from dhad_trainer.data.readers import DataError
+from dhad_trainer.llm.journal import CACHE_FILE, SHARD_GLOB, STATS_FILE, OutputWriter, ResponseCache
+from dhad_trainer.llm.quality import Gates
+from dhad_trainer.llm.teachers import (
     Answer,
     EndpointTeacher,
     TransformersTeacher,
@@ -43,6 +42,8 @@ from dhad_trainer.teachers import (
     endpoint_config,
     vllm_available,
 )
+from dhad_trainer.stages.base import StageResult, StageRun
+from dhad_trainer.storage.local import LocalStore
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from dhad_api.jobs import RLAIFJobSpec
-from dhad_trainer.sft_data import iter_records
+from dhad_trainer.data.conversations import iter_records
 from dhad_trainer.stages.alignment import (
     HELD_OUT,
     INPUT_FEEDBACK,

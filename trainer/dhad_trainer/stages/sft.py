@@ -17,7 +17,7 @@ import logging
 
 from dhad_api.jobs import SFTJobSpec
 from dhad_api.stages import SFTDataset, SFTSchema, SFTTraining
-from dhad_trainer.sft_data import load_sft_mix
+from dhad_trainer.data.conversations import load_sft_mix
 from dhad_trainer.stages.alignment import (
     barrier,
     load_dtype,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from dhad_trainer import distributed
-from dhad_trainer.checkpoints import AsyncPublisher
-from dhad_trainer.distributed import Cluster
-from dhad_trainer.progress import ProgressReporter
+from dhad_trainer.runtime import distributed
+from dhad_trainer.runtime.distributed import Cluster
+from dhad_trainer.runtime.progress import ProgressReporter
+from dhad_trainer.storage.checkpoints import AsyncPublisher
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dhad_api.layout import MANIFEST, checkpoint_name
-from dhad_trainer.storage import FileEntry
+from dhad_trainer.storage.base import FileEntry
 
 log = logging.getLogger(__name__)
 

@@ -12,20 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+from dhad_trainer.data.chat import (
+    ASSETS,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    PAD,
+    SPECIAL_TOKENS,
+    load_chat_template,
+)
+
 DEFAULT_CORPUS = ASSETS / "arabic_corpus.txt"
 DEFAULT_INSTRUCTIONS = ASSETS / "arabic_instructions.jsonl"
-CHAT_TEMPLATE = ASSETS / "chatml.jinja"
-
-ENDOFTEXT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, PAD]  # ids 0..3, in this order
 
 Kind = Literal["causal-lm", "reward"]
-
-
-def load_chat_template() -> str:
-    """The ChatML template whose generation block covers assistant content + <|im_end|>."""
-    return CHAT_TEMPLATE.read_text(encoding="utf-8")
+__all__ = ["ASSETS", "DEFAULT_CORPUS", "DEFAULT_INSTRUCTIONS", "ENDOFTEXT", "IM_END", "IM_START", "PAD", "SPECIAL_TOKENS",
+           "init_tiny_model", "load_chat_template", "train_tokenizer"]
 
 
 def iter_training_text(corpus_path: Path, instructions_path: Path | None) -> Iterator[str]:

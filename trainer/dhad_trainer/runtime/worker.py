@@ -23,10 +23,11 @@ from pathlib import Path
 from dhad_api.jobs import JobSpec, stages_for
 from dhad_api.layout import MANIFEST, checkpoints_uri, model_uri, stage_uri
 from dhad_api.reasons import Reason
-from dhad_trainer.launcher import ConfigError, failure_reason, load_job, output_root
-from dhad_trainer.storage import FileEntry, RoutingStore, open_store
+from dhad_trainer.runtime.launcher import ConfigError, failure_reason, load_job, output_root
+from dhad_trainer.storage.base import FileEntry
+from dhad_trainer.storage.routing import RoutingStore, open_store
 
-log = logging.getLogger("dhad_trainer.runtime")
+log = logging.getLogger("dhad_trainer.runtime.worker")
 
 
 _reporter = None  # rank 0's, so a failure still gets its final report
@@ -91,7 +92,7 @@ def choose_resume(spec: JobSpec, ckpts) -> str | None:
 
 def fetch_checkpoint(uri: str, ckpts, spec: JobSpec, dest: Path) -> Path:
     """Downloads `uri` (this job's or, for resumeFrom, another job's checkpoint) as an HF checkpoint folder."""
-    from dhad_trainer.checkpoints import CheckpointStore
+    from dhad_trainer.storage.checkpoints import CheckpointStore
 
     if not uri.startswith(ckpts.uri + "/"):
         ckpts = CheckpointStore(open_store(uri, spec.storage), uri.rstrip("/").rsplit("/", 1)[0], ckpts.node_rank)
@@ -100,11 +101,12 @@ def fetch_checkpoint(uri: str, ckpts, spec: JobSpec, dest: Path) -> Path:
 
 def node_local_model(uri: str, dest: Path, spec: JobSpec, cluster) -> Path:
     """The node leader downloads, the node's other ranks then find the finished folder."""
-    from dhad_trainer import distributed, modelio
+    from dhad_trainer.runtime import distributed
+    from dhad_trainer.storage import models
 
     def resolve() -> Path:
         try:
-            return modelio.resolve_model(uri, dest, spec.storage)
+            return models.resolve_model(uri, dest, spec.storage)
         except FileNotFoundError as error:
             raise ConfigError(str(error)) from None
 
@@ -136,12 +138,18 @@ def stage_inputs(job, spec: JobSpec, stage: str, root: str) -> dict[str, str]:
 
 
 def work(job_file: str) -> dict:
-    from dhad_trainer import distributed, modelio
-    from dhad_trainer.callbacks import CheckpointCallback, PreemptionCallback, ProgressCallback, TestHooks
-    from dhad_trainer.checkpoints import AsyncPublisher, CheckpointStore
-    from dhad_trainer.deepspeed_config import build
-    from dhad_trainer.progress import ProgressReporter, sink_from_env
+    from dhad_trainer.runtime import distributed
+    from dhad_trainer.runtime.callbacks import (
+        CheckpointCallback,
+        PreemptionCallback,
+        ProgressCallback,
+        TestHooks,
+    )
+    from dhad_trainer.runtime.deepspeed_config import build
+    from dhad_trainer.runtime.progress import ProgressReporter, sink_from_env
     from dhad_trainer.stages.base import StageRun
+    from dhad_trainer.storage import models
+    from dhad_trainer.storage.checkpoints import AsyncPublisher, CheckpointStore
 
     job = load_job(job_file)
     spec = job.typed_spec()
@@ -213,8 +221,8 @@ def work(job_file: str) -> dict:
     if result.model_dir is None and any(run.output_dir.iterdir()):
         result.model_dir = run.output_dir  # a stage whose output is data or a report, not a model
     if cluster.is_main and result.model_dir is not None:
-        input_hashes = {"model": modelio.tree_hash(model_dir), **input_hashes}
-        modelio.write_model_card(result.model_dir, kind=job.kind.value, stage=stage, spec=job.spec,
+        input_hashes = {"model": models.tree_hash(model_dir), **input_hashes}
+        models.write_model_card(result.model_dir, kind=job.kind.value, stage=stage, spec=job.spec,
                                  inputs=input_hashes, metrics=metrics, base_model=model_ref)
         out_uri = model_uri(root, stage)
         upload_result(store, result.model_dir, out_uri)
@@ -259,7 +267,7 @@ def main(job_file: str) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)  # peers may be gone: do not wait in process-group teardown
-    from dhad_trainer import distributed
+    from dhad_trainer.runtime import distributed
 
     distributed.teardown()
     return 0

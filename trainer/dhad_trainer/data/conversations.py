@@ -19,7 +19,8 @@ from typing import Any
 
 from dhad_api.data_prep import SourceFormat
 from dhad_api.stages import SFTDataset, SFTSchema
-from dhad_trainer.data.readers import DataError, LocalStore, ObjectStore, detect_format, resolve
+from dhad_trainer.data.readers import DataError, ObjectStore, detect_format, resolve
+from dhad_trainer.storage.local import LocalStore
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",
          "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}  # + ShareGPT names

@@ -13,16 +13,11 @@ import hashlib
 import io
 import logging
 import os
-import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-
-from dhad_api.common import Storage
-from dhad_api.layout import split_s3
-from dhad_trainer.data.readers import LocalStore as _ReaderLocalStore
 
 log = logging.getLogger(__name__)
 
@@ -119,102 +114,3 @@ class _StoreBase:
             return []
         with ThreadPoolExecutor(max_workers=min(self.workers, len(items))) as pool:
             return sorted(pool.map(fn, items), key=lambda e: e.path)
-
-
-class LocalStore(_StoreBase, _ReaderLocalStore):
-    """A local folder as an object store (local mode, `file://` and plain paths, tests)."""
-
-    @staticmethod
-    def path(uri: str) -> Path:
-        return Path(uri.removeprefix("file://"))
-
-    def norm(self, uri: str) -> str:
-        return str(self.path(uri))
-
-    def open(self, uri: str) -> BinaryIO:
-        return open(self.path(uri), "rb")
-
-    def list(self, prefix: str) -> list[str]:
-        return list(_ReaderLocalStore.list(self, str(self.path(prefix))))
-
-    def list_dirs(self, uri: str) -> list[str]:
-        folder = self.path(uri)
-        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-
-    def exists(self, uri: str) -> bool:
-        return self.path(uri).exists()
-
-    def size(self, uri: str) -> int:
-        p = self.path(uri)
-        return sum(f.stat().st_size for f in _files_under(p)) if p.is_dir() else p.stat().st_size
-
-    def put_bytes(self, uri: str, data: bytes) -> None:
-        p = self.path(uri)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(p)  # readers never see half a file: a manifest appears whole or not at all
-
-    def get_bytes(self, uri: str) -> bytes:
-        return self.path(uri).read_bytes()
-
-    def upload_file(self, path: Path, uri: str) -> FileEntry:
-        dest = self.path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "rb") as src, open(dest, "wb") as out:
-            reader = _Hashing(src)
-            shutil.copyfileobj(reader, out, CHUNK)
-        return FileEntry(dest.name, reader.size, reader.hash.hexdigest())
-
-    def download_file(self, uri: str, path: Path) -> FileEntry:
-        return self.upload_file(self.path(uri), str(path))
-
-    def delete(self, uri: str) -> None:
-        self.path(uri).unlink(missing_ok=True)
-
-    def delete_prefix(self, uri: str) -> None:
-        p = self.path(uri)
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-    def check_bucket(self) -> None:
-        """Nothing to check for a folder; it is created on first write."""
-
-
-
-
-def open_store(uri: str, storage: Storage | None = None):
-    """The store for `uri`: S3 for s3:// (endpoint and region from env, else the spec), else a folder."""
-    if uri.startswith("s3://"):
-        from dhad_trainer.s3store import S3Store
-
-        bucket = split_s3(uri)[0]
-        return S3Store(storage.endpoint if storage else None, storage.region if storage else None, bucket)
-    return LocalStore()
-
-
-class RoutingStore:
-    """An ObjectStore for data readers that serves both s3:// URIs and local paths."""
-
-    def __init__(self, storage: Storage | None = None) -> None:
-        self.storage, self._s3, self._local = storage, None, LocalStore()
-
-    def _for(self, uri: str):
-        if uri.startswith("s3://"):
-            self._s3 = self._s3 or open_store(uri, self.storage)
-            return self._s3
-        return self._local
-
-    def open(self, uri: str) -> BinaryIO:
-        return self._for(uri).open(uri)
-
-    def list(self, prefix: str) -> Iterator[str] | list[str]:
-        return self._for(prefix).list(prefix)
-
-    def size(self, uri: str) -> int:
-        return self._for(uri).size(uri)
-
-    def exists(self, uri: str) -> bool:
-        return self._for(uri).exists(uri)

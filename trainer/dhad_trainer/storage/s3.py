@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dhad_api.layout import split_s3
-from dhad_trainer.storage import CHUNK, FileEntry, StorageError, _Hashing, _StoreBase, sha256_file
+from dhad_trainer.storage.base import CHUNK, FileEntry, StorageError, _Hashing, _StoreBase, sha256_file
 
 PART_SIZE = 32 * 1024 * 1024  # multipart part size; bigger files go up in parts, 2 in flight per file
 

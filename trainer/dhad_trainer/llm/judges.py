@@ -1,7 +1,7 @@
 """AI judges that compare two responses to one prompt under a constitution (RLAIF feedback, evaluation).
 
 Two judges share one prompt and one parser: `ModelJudge` runs a local transformers model, `EndpointJudge`
-calls an OpenAI-compatible endpoint through `dhad_trainer.endpoint`. Both ask in Arabic by default,
+calls an OpenAI-compatible endpoint through `dhad_trainer.llm.client`. Both ask in Arabic by default,
 expect a short rationale ending in `[[A]]`, `[[B]]` or `[[تعادل]]`, and parse leniently (bracketed,
 labelled or JSON verdicts, Arabic or Latin letters; the last verdict wins). A refused or unparseable
 answer is asked again up to `max_attempts` times, then reported with that status so the caller can
@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dhad_trainer.endpoint import ChatRequest, EndpointClient, EndpointConfig
+from dhad_trainer.llm.client import EndpointClient
+from dhad_trainer.llm.types import ChatRequest, EndpointConfig
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_CONSTITUTION = ASSETS / "constitution_ar.md"
 JUDGE_API_KEY_ENV = "DHAD_JUDGE_API_KEY"  # the runtime puts judge.endpoint.apiKeySecretRef's value here
 PROMPT_VERSION = "v1"  # part of every cache key: a new prompt must not reuse old verdicts

@@ -20,7 +20,7 @@ from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stages_for
 from dhad_api.layout import model_uri, output_root
 from dhad_api.reasons import NO_RETRY, ExitCode
 from dhad_api.references import resolve_models
-from dhad_trainer.embedded_s3 import free_port
+from dhad_trainer.storage.embedded_s3 import free_port
 
 
 class LocalRunError(RuntimeError):

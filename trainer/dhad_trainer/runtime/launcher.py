@@ -26,9 +26,10 @@ from dhad_api.layout import MANIFEST
 from dhad_api.layout import output_root as layout_root
 from dhad_api.reasons import EXIT_REASONS, TERMINATION_LOG_ENV, ExitCode, Reason
 from dhad_trainer.data.readers import DataError, resolve
-from dhad_trainer.storage import RoutingStore, StorageError, open_store
+from dhad_trainer.storage.base import StorageError
+from dhad_trainer.storage.routing import RoutingStore, open_store
 
-log = logging.getLogger("dhad_trainer.launcher")
+log = logging.getLogger("dhad_trainer.runtime.launcher")
 CODES = {reason: code for code, reason in EXIT_REASONS.items()}
 
 

@@ -17,11 +17,12 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from dhad_trainer.storage import CHUNK, open_store
+from dhad_trainer.storage.base import CHUNK
+from dhad_trainer.storage.routing import open_store
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DONE = ".dhad-complete"  # marks a finished download, so a restarted pod does not trust half a folder
 
 

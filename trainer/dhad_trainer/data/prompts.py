@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dhad_api.stages import SFTDataset
+from dhad_trainer.data.conversations import iter_records, to_prompt, with_system_prompt
 from dhad_trainer.data.readers import DataError
-from dhad_trainer.sft_data import iter_records, to_prompt, with_system_prompt
 
 
 @dataclass

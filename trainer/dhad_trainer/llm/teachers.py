@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from dhad_api.stages import Endpoint, Generation
-from dhad_trainer.endpoint import ChatRequest, ChatResult, EndpointClient, EndpointConfig
+from dhad_trainer.llm.client import EndpointClient
+from dhad_trainer.llm.types import ChatRequest, ChatResult, EndpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class TransformersTeacher:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from dhad_trainer.tiny import load_chat_template
+        from dhad_trainer.data.chat import load_chat_template
 
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
         if self.tokenizer.pad_token is None:

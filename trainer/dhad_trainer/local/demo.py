@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "examples" / "tiny"
 BENCHMARKS = Path(os.environ.get("DHAD_BENCHMARKS", REPO.parent / "shared" / "benchmarks" / "acegpt"))
 BUCKET = "s3://dhad-demo"
@@ -28,9 +28,10 @@ def step(title: str) -> float:
 
 def seed(workdir: Path, store) -> None:
     """What the manifests reference: the base model, the data, the benchmarks and reference answers."""
+    from dhad_trainer.data.chat import ASSETS
     from dhad_trainer.evaluation.references import write_references
+    from dhad_trainer.local.tiny import init_tiny_model
     from dhad_trainer.stages.eval import load_runner
-    from dhad_trainer.tiny import ASSETS, init_tiny_model
 
     base = init_tiny_model(workdir / "models" / "tiny-base")
     store.upload_dir(base, f"{BUCKET}/models/tiny-base")
@@ -46,9 +47,9 @@ def seed(workdir: Path, store) -> None:
 
 
 def run_demo(workdir: Path) -> int:
-    from dhad_trainer.embedded_s3 import EmbeddedS3
-    from dhad_trainer.local import Session, run_job
-    from dhad_trainer.storage import open_store
+    from dhad_trainer.local.run import Session, run_job
+    from dhad_trainer.storage.embedded_s3 import EmbeddedS3
+    from dhad_trainer.storage.routing import open_store
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
