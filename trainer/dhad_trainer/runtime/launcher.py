@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dhad_api.jobs import Job, JobSpec, PretrainJobSpec, RLAIFJobSpec, SFTJobSpec, stages_for
+from dhad_api.jobs import Job, JobSpec, PretrainJobSpec, RLAIFJobSpec, SFTJobSpec, stage_pods, stages_for
 from dhad_api.layout import MANIFEST
 from dhad_api.layout import output_root as layout_root
 from dhad_api.reasons import EXIT_REASONS, TERMINATION_LOG_ENV, ExitCode, Reason
@@ -136,10 +136,14 @@ def cpu_count() -> int:
     return cores
 
 
-def torchrun_command(job: Job, job_file: str) -> tuple[list[str], int]:
+def torchrun_command(job: Job, job_file: str, stage: str) -> tuple[list[str], int]:
+    """torchrun for this pod: --nnodes/--nproc-per-node from the operator's NNODES/NPROC_PER_NODE (the
+    sub-stage's own pod count, `stage_pods`), which local mode and tests may override with DHAD_NPROC_PER_NODE."""
     spec = job.typed_spec()
-    nproc = int(os.environ.get("DHAD_NPROC_PER_NODE") or spec.resources.gpus_per_node or 1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(spec.resources.nodes),
+    pods = stage_pods(job.kind, spec, stage)
+    nnodes = int(os.environ.get("NNODES") or pods.pods)
+    nproc = int(os.environ.get("DHAD_NPROC_PER_NODE") or os.environ.get("NPROC_PER_NODE") or pods.procs_per_pod)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
            "--nproc-per-node", str(nproc), "--node-rank", os.environ.get("JOB_COMPLETION_INDEX", "0"),
            "--master-addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
            "--master-port", os.environ.get("MASTER_PORT", "29500"), "--max-restarts", "0",
@@ -172,7 +176,7 @@ def launch(job_file: str) -> int:
         log.error("%s: %s", reason.value, error)
         write_termination(reason, str(error))
         return CODES[reason]
-    cmd, nproc = torchrun_command(job, job_file)
+    cmd, nproc = torchrun_command(job, job_file, stage)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // nproc)))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dhad" / "torch-extensions"))
