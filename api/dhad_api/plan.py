@@ -270,35 +270,51 @@ def lora_parameters(arch: Architecture, r: int, targets: list[str]) -> int:
 
 
 def saved_bytes_per_token(arch: Architecture, residual: int, compute: int, eager: bool = False, seq: int = 0) -> int:
-    """Bytes autograd keeps per token for one decoder layer's backward.
+    """Bytes autograd keeps per token for one decoder layer's backward (counted tensor by tensor on a tiny
+    Llama with saved-tensor hooks, tests/unit/test_plan.py, and written out here):
 
-    Per RMSNorm (two): its fp32 input (RMSNorm upcasts), its output in the residual dtype, and the 16-bit
-    copy a linear layer takes under autocast. Attention: q and k before RoPE and their rotate_half
-    (RoPE's two products), q and k after RoPE, v and the output (sdpa/flash keep them), o_proj's input:
-    5 x hidden + 4 x kv width in the compute dtype. SwiGLU: gate (SiLU's input), SiLU's output, up, and
-    down_proj's input: 4 x intermediate. Eager attention also keeps the softmax (heads x seq per token).
+    RMSNorm (two per layer) keeps its fp32 input (it upcasts) and the fp32 normalised x when the residual
+    stream is fp32, or its 16-bit cast when it is 16-bit, plus its output for the linear layers that read
+    it: once in fp32 or 16-bit runs, but once per linear under autocast (q, k, v and gate, up each keep
+    their own bf16 cast). sdpa/flash keep q, k, v, the output and the log-sum-exp (o_proj reads the output
+    in place); eager attention also keeps the softmax (heads x seq per token). SwiGLU keeps gate, SiLU(gate),
+    up and their product: 4 x intermediate. RoPE keeps only cos/sin (constants).
     """
     h, kv, i = arch.hidden_size, arch.kv_dim, arch.intermediate_size
-    norm = 4 * h + residual * h + (compute * h if compute != residual else 0)
-    attention = compute * (5 * h + 4 * kv) + (2 * compute * arch.num_heads * seq if eager else 0)
-    return 2 * norm + attention + compute * 4 * i
+    autocast = residual == 4 and compute == 2
+
+    def norm(linears: int) -> int:
+        kept = 4 * h + residual * h  # fp32 input, normalised x (fp32, or its 16-bit cast)
+        return kept + (linears * compute * h if autocast else residual * h)
+
+    attention = compute * (2 * h + 2 * kv) + 4 * arch.num_heads + (compute * arch.num_heads * seq if eager else 0)
+    return norm(3) + norm(2) + attention + 4 * compute * i
+
+
+def stream_bytes(precision: Precision, strategy: Strategy) -> tuple[int, int]:
+    """(residual stream, compute) bytes: fp32 master weights under autocast (ddp) keep the residual stream
+    in fp32; DeepSpeed, FSDP2 (MixedPrecisionPolicy casts parameters, not activations) and bf16-pure run
+    the blocks in 16 bits; fp32 is fp32 throughout."""
+    if precision == Precision.FP32:
+        return 4, 4
+    if strategy == Strategy.DDP and precision in (Precision.BF16, Precision.FP16):
+        return 4, 2
+    return 2, 2
 
 
 def activation_components(plan: StagePlan, arch: Architecture, micro: int, seq: int, precision: Precision,
                           strategy: Strategy, checkpointing: bool, eager: bool = False, batch_factor: int = 1) -> None:
     """Activations and logits of one micro-batch (batch_factor 2 for chosen+rejected pairs)."""
     tokens = micro * seq * batch_factor
-    compute = 4 if precision == Precision.FP32 else 2
-    # fp32 master weights under autocast (ddp) make the residual stream fp32; DeepSpeed, FSDP2 and
-    # bf16-pure run the blocks in 16 bits.
-    residual = 4 if precision == Precision.FP32 or (strategy == Strategy.DDP and precision in (Precision.BF16, Precision.FP16)) else 2
+    residual, compute = stream_bytes(precision, strategy)
     layer = saved_bytes_per_token(arch, residual, compute, eager, seq)
     if checkpointing:
         plan.add("activations (checkpointed layer inputs)", tokens * residual * arch.hidden_size * arch.num_layers)
         plan.add("activations (one layer recomputed)", tokens * layer)
     else:
         plan.add("activations", tokens * layer * arch.num_layers)
-    plan.add("logits and loss (fp32 copies)", tokens * arch.vocab_size * (compute + 8))
+    # around the loss: the logits, their fp32 copy and log-softmax (then its gradient), and the final norm
+    plan.add("logits and loss (fp32 copies)", tokens * (arch.vocab_size * (compute + 8) + 4 * arch.hidden_size + 2 * residual * arch.hidden_size))
 
 
 def state_components(plan: StagePlan, arch: Architecture, trainable: int, frozen: int, precision: Precision,
