@@ -154,3 +154,5 @@ def save_model(trainer, output_dir) -> None:
         state = {name: tensor.detach().clone() for name, tensor in state.items()}
         model = trainer.accelerator.unwrap_model(trainer.model)
         model.save_pretrained(str(output_dir), state_dict=state, safe_serialization=True)
+        if trainer.processing_class is not None:  # as HF's own save_model does
+            trainer.processing_class.save_pretrained(str(output_dir))
