@@ -128,6 +128,31 @@ def check_capabilities(spec: JobSpec, stages: list[str]) -> None:
                                      "weights itself (use bf16)")
 
 
+def packages_needed(spec: JobSpec, stages: list[str]) -> dict[str, str]:
+    """Distribution name -> the feature of this job that imports it (what the trainer image must provide)."""
+    need = {"torch": "training", "transformers": "models", "accelerate": "HF Trainer", "datasets": "data",
+            "minio": "storage (S3)", "safetensors": "model files"}
+    uris = [u for _, u in dataset_references(spec)] + [m.uri or "" for m in model_specs(spec).values()]
+    if any(u.startswith("hf://") for u in uris):
+        need["huggingface-hub"] = "hf:// references"
+    if spec.distributed.strategy == Strategy.DEEPSPEED:
+        need["deepspeed"] = "distributed.strategy deepspeed"
+    if isinstance(spec, SFTJobSpec | RLAIFJobSpec):
+        need["trl"] = "SFT/RLAIF trainers"
+    if isinstance(spec, SFTJobSpec) and spec.training.lora:
+        need["peft"] = "training.lora"
+    if isinstance(spec, PretrainJobSpec):
+        need |= {"datasketch": "data.dedup", "pyarrow": "prepared shards"}
+    if isinstance(spec, RLAIFJobSpec) and spec.policy.use_vllm:
+        need["vllm"] = "policy.useVllm"
+    if isinstance(spec, SFTJobSpec) and "respond" in stages and spec.respond.teacher.use_vllm:
+        need["vllm"] = "respond.teacher.useVllm"
+    gpus, attention = spec.resources.gpus_per_node, spec.model.attention
+    if attention == Attention.FLASH_ATTENTION_2 or (attention == Attention.AUTO and gpus and isinstance(spec, PretrainJobSpec)):
+        need["flash-attn"] = f"model.attention {attention.value} (packed sequences on GPUs)"
+    return need
+
+
 # ------------------------------------------------------------------------------------------- access
 
 
