@@ -66,11 +66,22 @@ def enable_on_cpu() -> None:
         return
 
     def create_accelerator_and_postprocess(self) -> None:
-        original(self)
+        from accelerate.parallelism_config import ParallelismConfig
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        # A hybrid mesh (ParallelismConfig) is validated against the distributed type inside Accelerator():
+        # check it once FSDP is on instead.
+        validate, deferred = ParallelismConfig._validate_accelerator, []
+        ParallelismConfig._validate_accelerator = lambda config, accelerator: deferred.append((config, accelerator))
+        try:
+            original(self)
+        finally:
+            ParallelismConfig._validate_accelerator = validate
         plugin_args = self.args.fsdp_plugin_args
         if plugin_args is None or self.is_fsdp_enabled:
+            for config, accelerator in deferred:
+                validate(config, accelerator)
             return
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
         plugin = FullyShardedDataParallelPlugin(**plugin_args)
         state = self.accelerator.state
@@ -79,6 +90,8 @@ def enable_on_cpu() -> None:
         state.fsdp_plugin = plugin
         state.distributed_type = DistributedType.FSDP
         self.is_fsdp_enabled = True
+        for config, accelerator in deferred:
+            validate(config, accelerator)
 
     create_accelerator_and_postprocess.dhad_cpu_fsdp = True
     Trainer.create_accelerator_and_postprocess = create_accelerator_and_postprocess
