@@ -234,10 +234,13 @@ def crd(info: KindInfo) -> dict:
 
 def render_all() -> dict[str, str]:
     """File name -> YAML text for every kind's CRD."""
+    from dhad_api.pipeline import pipeline_crd
+
     header = f"# Generated from api/dhad_api by `python -m dhad_api.crd`; do not edit. ({API_VERSION})\n"
+    documents = [crd(info) for info in KINDS.values()] + [pipeline_crd()]
     return {
-        f"{info.plural}.{GROUP}.yaml": header + yaml.safe_dump(crd(info), sort_keys=False, allow_unicode=True, width=120)
-        for info in KINDS.values()
+        f"{doc['metadata']['name']}.yaml": header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=120)
+        for doc in documents
     }
 
 

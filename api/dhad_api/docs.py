@@ -70,17 +70,20 @@ def _default(schema: dict, required: bool) -> str:
     return _code(text) if len(text) <= 60 else "see description"
 
 
-def walk(schema: dict, path: str, rows: list, rules: list, required: bool = False) -> None:
-    """Appends (path, type, default, bounds, description) rows and (path, rule, message) rules, depth first."""
+def walk(schema: dict, path: str, rows: list, rules: list, required: bool = False, leaves: frozenset = frozenset()) -> None:
+    """Appends (path, type, default, bounds, description) rows and (path, rule, message) rules, depth first;
+    paths in `leaves` get their own row but not their fields' (documented elsewhere)."""
     rows.append((path, _type(schema), _default(schema, required), _bounds(schema), schema.get("description", "")))
     rules.extend((path, r["rule"], r["message"]) for r in schema.get("x-kubernetes-validations", [])
                  if not r["message"].startswith(HIDDEN_RULES))
+    if path in leaves:
+        return
     needed = set(schema.get("required", []))
     for key, sub in schema.get("properties", {}).items():
-        walk(sub, f"{path}.{key}", rows, rules, key in needed)
+        walk(sub, f"{path}.{key}", rows, rules, key in needed, leaves)
     if schema.get("type") == "array" and "properties" in schema["items"]:
         for key, sub in schema["items"]["properties"].items():
-            walk(sub, f"{path}[].{key}", rows, rules, key in set(schema["items"].get("required", [])))
+            walk(sub, f"{path}[].{key}", rows, rules, key in set(schema["items"].get("required", [])), leaves)
         rules.extend((f"{path}[]", r["rule"], r["message"]) for r in schema["items"].get("x-kubernetes-validations", []))
 
 
@@ -108,6 +111,36 @@ def kind_section(info: KindInfo) -> list[str]:
     return out
 
 
+def pipeline_section() -> list[str]:
+    """The Pipeline kind: its spec and rules, its own status and printer columns (docs/pipeline.md explains it)."""
+    from dhad_api import pipeline as P
+
+    root = P.pipeline_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    rows: list = []
+    rules = [("metadata.name", r["rule"], r["message"]) for r in root["x-kubernetes-validations"]]
+    # a stage template is its kind's spec (documented above) with shared fields optional: no second copy here
+    leaves = frozenset([f"spec.stages[].{f}" for f in P.KIND_FIELDS.values()]
+                       + [f"spec.defaults.{a}" for a in P.SHARED_ALIASES] + ["spec.stages[].gate.evaluation"])
+    walk(crd.model_schema(P.PipelineSpec), "spec", rows, rules, leaves=leaves)
+    status_rows: list = []
+    walk(crd.model_schema(P.PipelineStatus), "status", status_rows, [])
+    out = ["## Pipeline", "", " ".join((P.PipelineSpec.__doc__ or "").split()), "",
+           f"`apiVersion: {API_VERSION}`, plural `{P.PLURAL}`, short names {', '.join(f'`{s}`' for s in P.SHORT_NAMES)}, "
+           f"category `dhad`. The spec may change after creation (a changed stage runs again, with every stage after it). "
+           f"Stage jobs are named `<pipeline>-<stage>-<digest>`, gates `<pipeline>-<stage>-gate-<digest>` and "
+           f"`<pipeline>-<stage>-base-<digest>`; `metadata.name` is at most {P.PIPELINE_NAME_MAX} characters. "
+           "See docs/pipeline.md for gates, the step cache, lineage, suspend, retry and deletion.", "",
+           "### Pipeline spec", ""]
+    out += _fields_table(rows)
+    out += ["", "### Pipeline validation rules (CEL)", "", "| Applies to | Rule | Message |", "| --- | --- | --- |"]
+    out += [f"| {_code(p)} | {_code(rule)} | {_text(message)} |" for p, rule, message in rules]
+    out += ["", "### Pipeline status", ""] + _fields_table(status_rows)
+    out += ["", "### Pipeline printer columns", "", "| Name | Type | JSON path | Priority | Description |", "| --- | --- | --- | --- | --- |"]
+    out += [f"| {c['name']} | {c['type']} | {_code(c['jsonPath'])} | {c.get('priority', 0)} | {_text(c.get('description', ''))} |"
+            for c in P.PRINTER_COLUMNS]
+    return out + [""]
+
+
 def render() -> str:
     """The whole of docs/api.md."""
     out = [
@@ -132,6 +165,7 @@ def render() -> str:
     ]
     for info in KINDS.values():
         out += kind_section(info)
+    out += pipeline_section()
     rows: list = []
     walk(crd.model_schema(JobStatus), "status", rows, [])
     out += ["## Status", "", "Written by the operator only; the same for every kind.", ""] + _fields_table(rows)

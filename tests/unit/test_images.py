@@ -155,12 +155,17 @@ def test_every_feature_of_the_gpu_examples_comes_with_the_trainer_image(path):
     from dhad_trainer.runtime.preflight import packages_needed
 
     doc = yaml.safe_load(path.read_text())
-    spec = parse_spec(doc["kind"], doc["spec"])
+    if doc["kind"] == "Pipeline":  # every stage's and gate's job
+        from dhad_api.pipeline import parse_pipeline, plan_pipeline
+
+        jobs = [(step.kind, step.spec) for step in plan_pipeline(parse_pipeline(doc["spec"]))]
+    else:
+        jobs = [(doc["kind"], parse_spec(doc["kind"], doc["spec"]))]
     provided = transitive(set(requirements(pip_targets(IMAGES["trainer"]))))
-    needed = packages_needed(spec, stages_for(doc["kind"], spec))
+    needed = {name: why for kind, spec in jobs for name, why in packages_needed(spec, stages_for(kind, spec)).items()}
     missing = {name: why for name, why in needed.items() if canonicalize_name(name) not in provided}
     assert not missing, f"{path.name} uses features the trainer image does not install: {missing}"
-    if doc["kind"] == "RLAIFJob":
+    if doc["kind"] in ("RLAIFJob", "Pipeline"):
         assert "vllm" in needed  # the example that broke: useVllm with vLLM in no group
 
 

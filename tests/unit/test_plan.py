@@ -40,7 +40,7 @@ from dhad_api.reasons import Reason
 from dhad_api.training import Precision
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((REPO / "examples" / "gpu").glob("*.yaml"))
+EXAMPLES = sorted(p for p in (REPO / "examples" / "gpu").glob("*.yaml") if p.stem != "acegpt-7b-pipeline")  # job kinds
 
 
 def llama_config(arch: Architecture) -> transformers.LlamaConfig:
@@ -267,3 +267,23 @@ def test_fsdp_and_hybrid_divide_the_states_by_their_shard_group():
         states[name] = dict(stage.components)["optimizer states (sharded)"]
     assert states["full"] == pytest.approx(8 * arch.parameters / 16, rel=1e-6)  # 2 nodes x 8 GPUs
     assert states["hybrid"] == pytest.approx(8 * arch.parameters / 8, rel=1e-6)  # within a node of 8
+
+
+def test_the_gpu_pipeline_plans_every_stage_and_gate_within_its_gpus():
+    """The recipe in one manifest plans as its four job examples do: each stage and gate fits an H100-80GB, and
+    stages after the vocabulary expansion are planned with the grown vocabulary (fromJob between stages)."""
+    from dhad_api.pipeline import parse_pipeline, plan_pipeline
+
+    doc = yaml.safe_load((REPO / "examples" / "gpu" / "acegpt-7b-pipeline.yaml").read_text())
+    steps = plan_pipeline(parse_pipeline(doc["spec"]))
+    assert [s.label for s in steps] == ["cpt", "sft", "sft/gate", "rlaif", "rlaif/gate", "eval"]
+    for step in steps:
+        assert step.verdict.status == "True" and step.verdict.reason == Reason.PLAN_FITS, (step.label, step.verdict.message)
+        assert step.verdict.plan.gpu.memory == 81559 * 2**20
+    cpt, sft = steps[0].verdict.plan.architecture, steps[1].verdict.plan.architecture
+    assert sft.vocab_size == cpt.vocab_size + 2000  # cpt adds 2,000 Arabic tokens
+    job = {"SFTJob": "acegpt-7b-sft.yaml", "RLAIFJob": "acegpt-7b-rlaif.yaml"}
+    for step in (steps[1], steps[3]):  # the same job as its one-manifest example: the same plan
+        kind, spec = example(REPO / "examples" / "gpu" / job[step.kind.value])
+        alone = planned_condition(kind, spec, lookup=lookup)
+        assert step.verdict.plan.peak.total == alone.plan.peak.total, step.label

@@ -25,7 +25,7 @@ from dhad_operator.render import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = sorted((REPO / "examples" / "tiny").glob("*.yaml"))
+TINY = [p for p in sorted((REPO / "examples" / "tiny").glob("*.yaml")) if p.stem != "pipeline"]  # a Pipeline renders no pods itself
 GOLDEN = Path(__file__).parent / "golden" / "sft-children.yaml"
 UID = "5d1c1a7e-0000-4000-8000-00000000d4ad"
 NS = "ml"

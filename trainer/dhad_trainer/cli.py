@@ -180,6 +180,8 @@ def plan_memory(args: argparse.Namespace) -> int:
     from dhad_api.plan import Architecture, planned_condition
 
     doc = load_manifest(args.file)
+    if doc["kind"] == "Pipeline":
+        return plan_pipeline_manifest(doc, args)
     spec = parse_spec(doc["kind"], doc["spec"])
     if args.gpu_memory:
         spec = spec.model_copy(update={"plan": spec.plan.model_copy(update={"gpu_memory": args.gpu_memory})})
@@ -192,6 +194,30 @@ def plan_memory(args: argparse.Namespace) -> int:
         return 1
     print(format_plan(verdict.plan, verdict))
     return 0 if verdict.status != "False" else 2
+
+
+def plan_pipeline_manifest(doc: dict, args: argparse.Namespace) -> int:
+    """Every stage and gate of a Pipeline, planned as the operator plans each child job."""
+    from pydantic import ValidationError
+
+    from dhad_api.pipeline import parse_pipeline, plan_pipeline
+
+    try:
+        spec = parse_pipeline(doc["spec"])
+    except ValidationError as error:
+        raise SystemExit(f"dhad plan: {args.file}: {error}") from None
+    if args.gpu_memory:
+        spec = spec.model_copy(update={"defaults": spec.defaults.model_copy(update={"plan": {"gpuMemory": args.gpu_memory}})})
+    worst = 0
+    for step in plan_pipeline(spec, mfu=args.mfu):
+        print(f"== {step.label} ({step.kind.value})")
+        if step.verdict.plan is None:
+            print(f"Planned={step.verdict.status} ({step.verdict.reason}): {step.verdict.message}")
+            worst = max(worst, 1)
+            continue
+        print(format_plan(step.verdict.plan, step.verdict))
+        worst = max(worst, 2 if step.verdict.status == "False" else 0)
+    return worst
 
 
 @command("eval-references")
@@ -273,6 +299,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", help="one GPU's memory, for example 80Gi (default: plan.gpuMemory or the nodeSelector's product)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the time estimate assumes (default 0.4)")
     p.add_argument("--model-config", help="a config.json for a model whose architecture Dhad does not know")
+    p = sub.add_parser("lineage", help="the chain of jobs that produced a model (pipeline, stage, spec hash, code, data, scores)")
+    p.add_argument("model", help="the model's s3:// URI or folder (AWS_* and AWS_ENDPOINT_URL from the environment)")
+    p.add_argument("--json", action="store_true", help="the lineage and evaluations as JSON")
     p = sub.add_parser("demo", help="the Dhad recipe on tiny models, on this machine")
     p.add_argument("--workdir", type=Path, default=Path("out/demo"))
     return top
@@ -296,7 +325,8 @@ def run_manifests(args: argparse.Namespace) -> int:
             env = embedded.env()
             os.environ.update(env)
             for doc in docs:
-                embedded.ensure_bucket(doc["spec"]["storage"]["bucket"])
+                for bucket in manifest_buckets(doc):
+                    embedded.ensure_bucket(bucket)
             for item in args.put:
                 source, _, target = item.partition("=")
                 store = open_store(target)
@@ -305,6 +335,15 @@ def run_manifests(args: argparse.Namespace) -> int:
         session = Session(workdir, env)
         for doc in docs:
             print(f"== {doc['kind']} {doc['metadata']['name']}", flush=True)
+            if doc["kind"] == "Pipeline":
+                from dhad_trainer.local.pipeline import run_pipeline
+
+                status = run_pipeline(doc, session)
+                print(json.dumps(status, indent=2, ensure_ascii=False))
+                if status["state"] != "Succeeded":
+                    print(f"dhad run: Pipeline {doc['metadata']['name']} {status['state']}: {status.get('message')}", file=sys.stderr)
+                    return 1
+                continue
             status = run_job(doc, session)
             print(json.dumps(status, indent=2, ensure_ascii=False))
     except LocalRunError as error:
@@ -313,6 +352,35 @@ def run_manifests(args: argparse.Namespace) -> int:
     finally:
         if embedded:
             embedded.stop()
+    return 0
+
+
+def manifest_buckets(doc: dict) -> set[str]:
+    """The buckets a manifest writes to (a Pipeline's defaults and stages)."""
+    if doc["kind"] != "Pipeline":
+        return {doc["spec"]["storage"]["bucket"]}
+    spec = doc["spec"]
+    found = {((spec.get("defaults") or {}).get("storage") or {}).get("bucket")}
+    found |= {(body.get("storage") or {}).get("bucket") for stage in spec.get("stages") or [] for key, body in stage.items()
+              if isinstance(body, dict) and key in ("pretrain", "sft", "rlaif", "eval")}
+    return {b for b in found if b}
+
+
+@command("lineage")
+def show_lineage(args: argparse.Namespace) -> int:
+    """The chain of jobs that made a model, back to the first base model, with every evaluation of each."""
+    from dhad_trainer.storage.lineage import describe, read_evaluations, read_lineage
+
+    found = read_lineage(args.model)
+    if found is None:
+        print(f"dhad lineage: {args.model} has no lineage.json (not a Dhad output, or not reachable with this "
+              "environment's S3 settings)", file=sys.stderr)
+        return 1
+    live = {e["model"]: read_evaluations(e["model"]) for e in found["chain"] if str(e.get("model", "")).startswith(("s3://", "/"))}
+    if args.json:
+        print(json.dumps({**found, "evaluations": live}, indent=2, ensure_ascii=False))
+    else:
+        print(describe(found, live))
     return 0
 
 

@@ -1,14 +1,14 @@
 """The demo: the whole AceGPT recipe on tiny models, end to end in local mode, with the real code paths.
 
 An embedded S3 server is seeded with a tiny base model (random Llama + Arabic BPE), the project's own
-Arabic text, instructions and prompts, and the AceGPT benchmark files; then examples/tiny/{pretrain,
-sft, rlaif, eval}.yaml run in order through `dhad run`'s machinery (launcher -> torchrun -> stages),
-each job starting from the previous one's model through model.fromJob.
+Arabic text, instructions and prompts, and the AceGPT benchmark files; then examples/tiny/pipeline.yaml
+(pretrain -> gated SFT -> gated RLAIF -> eval, one Pipeline) runs through `dhad run`'s machinery
+(launcher -> torchrun -> stages), each stage starting from the previous one's model. Run again in the
+same --workdir, every stage comes from the step cache.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -47,7 +47,8 @@ def seed(workdir: Path, store) -> None:
 
 
 def run_demo(workdir: Path) -> int:
-    from dhad_trainer.local.run import Session, run_job
+    from dhad_trainer.local.pipeline import run_pipeline
+    from dhad_trainer.local.run import Session
     from dhad_trainer.storage.embedded_s3 import EmbeddedS3
     from dhad_trainer.storage.routing import open_store
 
@@ -62,21 +63,20 @@ def run_demo(workdir: Path) -> int:
         seed(workdir, store)
         print(f"   embedded S3 at {s3.url} ({time.monotonic() - started:.0f} s)")
         session = Session(workdir, s3.env())
-        titles = {"pretrain": "1. continued pre-training (data prep, vocabulary expansion, 2 nodes)",
-                  "sft": "2. supervised fine-tuning on Arabic instructions (2 nodes)",
-                  "rlaif": "3. RLAIF: feedback (judge under the Arabic constitution) -> reward model -> GRPO policy",
-                  "eval": "4. evaluation on samples of ACVA, Arabic MMLU, EXAMs, Vicuna-80, AlpacaEval"}
-        statuses = {}
-        for name, title in titles.items():
-            started = step(title)
-            doc = yaml.safe_load((TINY / f"{name}.yaml").read_text())
-            statuses[name] = run_job(doc, session)
-            print(f"   {json.dumps({k: v for k, v in statuses[name].items() if k != 'logs'})} ({time.monotonic() - started:.0f} s)")
+        started = step("1-4. the recipe as one Pipeline (examples/tiny/pipeline.yaml): continued pre-training (data prep, "
+                       "vocabulary expansion, 2 nodes) -> SFT on Arabic instructions (2 nodes), gated on ACVA -> RLAIF (judge "
+                       "under the Arabic constitution -> reward model -> GRPO), gated on Arabic MMLU -> evaluation on samples "
+                       "of ACVA, Arabic MMLU, EXAMs, Vicuna-80, AlpacaEval")
+        status = run_pipeline(yaml.safe_load((TINY / "pipeline.yaml").read_text()), session)
+        print(f"   pipeline {status['state']} ({time.monotonic() - started:.0f} s)")
+        if status["state"] != "Succeeded":
+            raise SystemExit(f"dhad demo: the pipeline {status['state']}: {status.get('message')}")
         final = workdir / "final"
         model_dir = final / "model"
-        store.download_dir(statuses["rlaif"]["outputModel"], model_dir)
+        store.download_dir(status["outputModel"], model_dir)
         report_dir = final / "report"
-        store.download_dir(f"{statuses['eval']['outputRoot']}/eval/model/report", report_dir)
+        report = next(s for s in status["stages"] if s["kind"] == "EvalJob")["report"]
+        store.download_dir(report.rsplit("/", 1)[0], report_dir)
     summary = report_dir / "summary.md"
     print(f"\nDone in {time.monotonic() - began:.0f} s.")
     print(f"Aligned model (Hugging Face format): {model_dir}")

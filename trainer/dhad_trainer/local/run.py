@@ -87,7 +87,7 @@ def run_stage(job_file: Path, spec: JobSpec, stage: str, attempt: int, session: 
     progress_file = logs / f"{stage}-progress.jsonl"
     procs = []
     for index in range(pods.pods):
-        env = {**os.environ, **session.env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        env = {**os.environ, **{e.name: e.value for e in spec.env if e.value is not None}, **session.env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "JOB_COMPLETION_INDEX": str(index), "DHAD_STAGE": stage, "DHAD_ATTEMPT": str(attempt),
                "DHAD_PROGRESS_FILE": str(progress_file), "DHAD_PROGRESS_INTERVAL": env_interval(),
                "DHAD_TERMINATION_LOG": str(logs / f"{stage}-{attempt}-{index}.termination"),
@@ -140,5 +140,22 @@ def run_job(doc: dict, session: Session) -> dict:
     last = stages_for(doc["kind"], spec)[-1]
     if last in OUTPUT_STAGE:
         status["outputModel"] = model_uri(root, OUTPUT_STAGE[last])
+    final = final_report(logs / f"{last}-progress.jsonl")
+    if isinstance(final.get("scores"), dict):
+        status["scores"] = final["scores"]  # what the operator copies into status.scores
+    if final.get("report"):
+        status["report"] = final["report"]
     session.succeeded[(doc["kind"], name)] = status
     return status
+
+
+def final_report(progress_file: Path) -> dict:
+    """Rank 0's last progress report of a sub-stage (the final one carries an EvalJob's scores)."""
+    if not progress_file.exists():
+        return {}
+    for line in reversed(progress_file.read_text(encoding="utf-8").splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return {}

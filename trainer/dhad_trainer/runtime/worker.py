@@ -148,7 +148,7 @@ def work(job_file: str) -> dict:
     from dhad_trainer.runtime.deepspeed_config import build
     from dhad_trainer.runtime.progress import ProgressReporter, sink_from_env
     from dhad_trainer.stages.base import StageRun
-    from dhad_trainer.storage import models
+    from dhad_trainer.storage import lineage, models
     from dhad_trainer.storage.checkpoints import AsyncPublisher, CheckpointStore
 
     job = load_job(job_file)
@@ -229,8 +229,14 @@ def work(job_file: str) -> dict:
         models.write_model_card(result.model_dir, kind=job.kind.value, stage=stage, spec=job.spec,
                                  inputs=input_hashes, metrics=metrics, base_model=model_ref)
         out_uri = model_uri(root, stage)
+        if job.kind.value != "EvalJob":
+            lineage.write(result.model_dir, lineage.build(job, spec, stage, output_uri=out_uri, base_uri=model_ref, base_dir=model_dir,
+                                                          inputs=input_hashes, code=models.code_version(), storage=spec.storage))
         upload_result(store, result.model_dir, out_uri)
         log.info("final model uploaded to %s", out_uri)
+    if cluster.is_main and isinstance(metrics.get("scores"), dict):  # an EvalJob: scores beside the evaluated model
+        lineage.record_evaluation(job, model_ref, metrics["scores"], f"{out_uri}/{metrics['report']}" if out_uri and metrics.get("report") else None,
+                                  job.spec.get("evaluation") or {}, spec.storage)
     distributed.barrier()
     if reporter:
         numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
