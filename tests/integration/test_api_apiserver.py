@@ -16,6 +16,8 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from dhad_api.jobs import KINDS, parse_spec
+from dhad_api.pipeline import PLURAL as PIPELINES
+from dhad_api.pipeline import parse_pipeline
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -44,12 +46,17 @@ def mutate(doc: dict, changes: dict) -> dict:
 
 
 def create(kube, namespace: str, doc: dict) -> dict:
-    info = next(i for i in KINDS.values() if i.kind.value == doc["kind"])
+    plural = PIPELINES if doc["kind"] == "Pipeline" else next(i.plural for i in KINDS.values() if i.kind.value == doc["kind"])
     doc = copy.deepcopy(doc)
     doc["metadata"]["namespace"] = namespace
     return client.CustomObjectsApi(kube).create_namespaced_custom_object(
-        "dhad.dev", "v1alpha1", namespace, info.plural, doc, field_validation="Strict"
+        "dhad.dev", "v1alpha1", namespace, plural, doc, field_validation="Strict"
     )
+
+
+def parse(doc: dict):
+    """The Python models' verdict on a manifest's spec (what local mode and the operator use)."""
+    return parse_pipeline(doc["spec"]) if doc["kind"] == "Pipeline" else parse_spec(doc["kind"], doc["spec"])
 
 
 SECRET_REF = {"name": "s3", "accessKeyIdKey": "id", "secretAccessKeyKey": "key"}
@@ -127,21 +134,51 @@ BAD = [
     ("vocab-negative", "pretrain", {"spec.vocabulary.newTokens": -5}, "spec.vocabulary.newTokens"),
     ("tokens-and-steps", "pretrain", {"spec.training.maxTokens": 1000000}, "at most one of maxTokens, maxSteps and epochs"),
     ("no-sources", "pretrain", {"spec.data.sources": []}, "spec.data.sources"),
+    # Pipelines: stages reference earlier stages by fromJob (stage 0 pretrain, 1 sft with a gate, 2 rlaif with a gate, 3 eval)
+    ("pipeline-unknown-stage", "pipeline", {"spec.stages.1.sft.model.fromJob.name": "pretrian"},
+     "spec.stages[].sft.model.fromJob.name: names no stage of this pipeline"),
+    ("pipeline-cycle", "pipeline", {"spec.stages.1.sft.model.fromJob": {"kind": "RLAIFJob", "name": "rlaif"}},
+     "spec.stages[].sft.model.fromJob.name: must name an earlier stage"),
+    ("pipeline-self-reference", "pipeline", {"spec.stages.0.pretrain.model": {"fromJob": {"kind": "PretrainJob", "name": "pretrain"}}},
+     "spec.stages[].pretrain.model.fromJob.name: must name an earlier stage"),
+    ("pipeline-kind-mismatch", "pipeline", {"spec.stages.2.rlaif.model.fromJob.kind": "PretrainJob"},
+     "spec.stages[].rlaif.model.fromJob.name: fromJob.kind must be the kind of the stage it names"),
+    ("pipeline-judge-kind-mismatch", "pipeline", {"spec.stages.3.eval.evaluation.judge.model.fromJob.kind": "RLAIFJob"},
+     "spec.stages[].eval.evaluation.judge.model.fromJob.name: fromJob.kind must be"),
+    ("pipeline-model-from-eval-stage", "pipeline", {"spec.stages.3.eval.model.fromJob": {"kind": "EvalJob", "name": "eval"}},
+     "an EvalJob has no output model"),
+    ("pipeline-gate-score-not-produced", "pipeline", {"spec.stages.1.gate.require.0.score": "arabic-mmlu/loglikelihood"},
+     "gate: require[].score must be a score the gate's evaluation produces"),
+    ("pipeline-gate-score-other-method", "pipeline", {"spec.stages.1.gate.require.0.score": "acva/generate"},
+     "gate: require[].score must be a score the gate's evaluation produces"),
+    ("pipeline-gate-without-threshold", "pipeline", {"spec.stages.1.gate.require.0": {"score": "acva/loglikelihood"}},
+     "a condition needs atLeast, atMost or maxDrop"),
+    ("pipeline-gate-on-eval-stage", "pipeline", {"spec.stages.3.gate": {"evaluation": {"suites": ["acva"]}, "require": [{"score": "acva/generate", "atLeast": 0.5}]}},
+     "a gate needs a stage that outputs a model"),
+    ("pipeline-two-kinds-in-a-stage", "pipeline", {"spec.stages.3.sft": {"model": {"uri": "s3://dhad-demo/m"}, "data": [{"uri": "/d.jsonl"}]}},
+     "set exactly one of pretrain, sft, rlaif and eval"),
+    ("pipeline-duplicate-stage-names", "pipeline", {"spec.stages.3.name": "sft"}, "stages: names must be unique"),
+    ("pipeline-stage-name-too-long", "pipeline", {"spec.stages.3.name": "e" * 17}, "spec.stages[3].name"),
+    ("pipeline-no-storage", "pipeline", {"spec.defaults.storage": DELETE}, "defaults.storage: set storage here or in every stage"),
+    ("pipeline-no-stages", "pipeline", {"spec.stages": []}, "spec.stages"),
+    ("pipeline-stage-suspended", "pipeline", {"spec.stages.1.sft.suspend": True}, "set the Pipeline's spec.suspend"),
+    ("pipeline-unknown-stage-field", "pipeline", {"spec.stages.1.sft.gpus": 8}, 'unknown field "spec.stages[1].sft.gpus"'),
+    ("name-pipeline-too-long", "pipeline", {"metadata.name": "p" * 22}, "metadata.name must be at most 21 characters"),
 ]
 
 
-@pytest.mark.parametrize("name", ["pretrain", "sft", "rlaif", "eval"])
+@pytest.mark.parametrize("name", ["pretrain", "sft", "rlaif", "eval", "pipeline"])
 def test_example_is_accepted_and_stored_as_the_models_default_it(kube, crds_installed, namespace, name):
     doc = example(name)
     stored = create(kube, namespace, doc)
-    assert stored["spec"] == parse_spec(doc["kind"], doc["spec"]).to_json_dict()
+    assert stored["spec"] == parse(doc).to_json_dict()
 
 
 def test_gpu_examples_are_accepted(kube, crds_installed, namespace):
     for path in sorted((REPO / "examples" / "gpu").glob("*.yaml")):
         doc = yaml.safe_load(path.read_text())
         stored = create(kube, namespace, doc)
-        assert stored["spec"] == parse_spec(doc["kind"], doc["spec"]).to_json_dict(), path.name
+        assert stored["spec"] == parse(doc).to_json_dict(), path.name
 
 
 def test_the_table_has_forty_distinct_cases():
@@ -158,7 +195,7 @@ def test_bad_manifest_is_rejected_naming_the_field(kube, crds_installed, namespa
     assert fragment in message, message
     if not case.startswith("name-"):
         with pytest.raises((ValidationError, ValueError)):
-            parse_spec(doc["kind"], doc["spec"])
+            parse(doc)
 
 
 def test_spec_is_immutable_except_suspend(kube, crds_installed, namespace):
@@ -183,10 +220,13 @@ def test_spec_is_immutable_except_suspend(kube, crds_installed, namespace):
 def test_kubectl_get_dhad_lists_every_kind_with_printer_columns(kube, crds_installed, namespace, control_plane):
     from tests.harness.controlplane import kubectl
 
-    for name in ["pretrain", "sft", "rlaif", "eval"]:
+    for name in ["pretrain", "sft", "rlaif", "eval", "pipeline"]:
         create(kube, namespace, example(name))
     out = kubectl(control_plane, "get", "dhad", "-n", namespace).stdout
-    for kind, name in [("pretrainjob", "tiny-pretrain"), ("sftjob", "tiny-sft"), ("rlaifjob", "tiny-rlaif"), ("evaljob", "tiny-eval")]:
+    for kind, name in [("pretrainjob", "tiny-pretrain"), ("sftjob", "tiny-sft"), ("rlaifjob", "tiny-rlaif"), ("evaljob", "tiny-eval"),
+                       ("pipeline", "tiny-recipe")]:
         assert f"{kind}.dhad.dev/{name}" in out
     header = out.splitlines()[0].split()
     assert header[:2] == ["NAME", "STATE"] and "NODES" in header and "RESTARTS" in header and "AGE" in header
+    pipelines = kubectl(control_plane, "get", "pipelines", "-n", namespace).stdout.splitlines()
+    assert pipelines[0].split() == ["NAME", "STATE", "STAGE", "PROGRESS", "AGE"] and pipelines[1].startswith("tiny-recipe")

@@ -12,7 +12,7 @@ from lupa.lua51 import LuaRuntime
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = (REPO / "charts" / "dhad" / "argocd" / "health.lua").read_text()
-KINDS = ("PretrainJob", "SFTJob", "RLAIFJob", "EvalJob")
+KINDS = ("PretrainJob", "SFTJob", "RLAIFJob", "EvalJob", "Pipeline")
 
 
 def health(obj: dict) -> tuple[str, str]:
@@ -77,6 +77,16 @@ CASES = {
     "failed beats a stale generation": (job({"state": "Failed", "observedGeneration": 1,
                                              "conditions": [cond("Failed", "OOMKilled")]}, generation=2),
                                         "Degraded", "OOMKilled"),
+    "pipeline at a gate": (job({"state": "Running", "stage": "sft/gate", "progress": "1/4",
+                                "conditions": [cond("Running", "Running", "gate of stage sft: EvalJob running")]}, kind="Pipeline"),
+                           "Progressing", "Running: gate of stage sft: EvalJob running (stage sft/gate, 1/4 stages done)"),
+    "pipeline gate failed": (job({"state": "Failed", "stage": "sft/gate", "progress": "1/4", "conditions": [
+        cond("Failed", "GateFailed", "gate of stage sft failed: acva/generate = 0.4100 < atLeast 0.6; nothing is promoted")]},
+        kind="Pipeline"),
+        "Degraded", "GateFailed: gate of stage sft failed: acva/generate = 0.4100 < atLeast 0.6; nothing is promoted"),
+    "pipeline succeeded": (job({"state": "Succeeded", "progress": "4/4", "outputModel": "s3://llm/dhad/llm/p-rlaif/policy/model",
+                                "conditions": [cond("Succeeded", "Succeeded", "every stage and gate succeeded")]}, kind="Pipeline"),
+                           "Healthy", "Succeeded: every stage and gate succeeded (model: s3://llm/dhad/llm/p-rlaif/policy/model)"),
     "false conditions are ignored": (job({"conditions": [cond("Failed", "X", "no", status="False")]}),
                                      "Progressing", "Pending"),
 }

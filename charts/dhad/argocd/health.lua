@@ -1,6 +1,7 @@
--- Argo CD health check for Dhad jobs (PretrainJob, SFTJob, RLAIFJob, EvalJob): one script, used
--- for each kind (docs/install.md shows the argocd-cm keys). Reads status.state, the one-word summary
--- the operator derives from status.conditions, and falls back to the conditions themselves.
+-- Argo CD health check for Dhad jobs (PretrainJob, SFTJob, RLAIFJob, EvalJob) and Pipelines: one
+-- script, used for each kind (docs/install.md shows the argocd-cm keys). Reads status.state, the
+-- one-word summary the operator derives from status.conditions, and falls back to the conditions.
+-- A Pipeline Succeeds only when every stage and gate did; a failed gate is Degraded naming it.
 -- Lua 5.1 (Argo CD runs gopher-lua); only base functions are used.
 local hs = { status = "Progressing", message = "Waiting for the Dhad operator" }
 
@@ -68,7 +69,10 @@ hs.message = describe(true_condition(status, "Unschedulable"), nil)
   or describe(true_condition(status, state), nil) or state
 local detail = ""
 if status.stage ~= nil and status.stage ~= "" then detail = "stage " .. status.stage end
-if state == "Running" and status.progress ~= nil and status.progress.step ~= nil then
+if type(status.progress) == "string" then -- a Pipeline: succeeded stages / stages
+  if detail ~= "" then detail = detail .. ", " end
+  detail = detail .. status.progress .. " stages done"
+elseif state == "Running" and status.progress ~= nil and status.progress.step ~= nil then
   if detail ~= "" then detail = detail .. ", " end
   detail = detail .. "step " .. tostring(status.progress.step)
   if status.progress.totalSteps ~= nil then detail = detail .. "/" .. tostring(status.progress.totalSteps) end
