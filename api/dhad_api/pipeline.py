@@ -431,33 +431,28 @@ def _resolve_refs(node: Any, outputs: dict[str, str | None]) -> None:
             _resolve_refs(item, outputs)
 
 
-def merged_spec(spec: PipelineSpec, stage: PipelineStage, outputs: dict[str, str | None] | None = None,
-                image: str | None = None) -> dict:
-    """The stage's job spec: defaults, then the stage's own fields, fromJob resolved from `outputs` (left as
-    fromJob where `outputs` is None, for `dhad plan`), the image fixed when given. Not yet validated."""
-    body = {**spec.defaults.to_json_dict(), **stage.template().to_json_dict()}
+def _resolved(body: dict, outputs: dict[str, str | None] | None) -> dict:
     body = copy.deepcopy(body)
     if outputs is not None:
         _resolve_refs(body, outputs)
-    if image and not body.get("image"):
-        body["image"] = image
     return body
 
 
-def gate_spec(spec: PipelineSpec, stage: PipelineStage, model: dict, outputs: dict[str, str | None] | None = None,
-              image: str | None = None) -> dict:
-    """The gate's EvalJob spec for `model` (the stage's output, or its input for the baseline)."""
+def merged_spec(spec: PipelineSpec, stage: PipelineStage, outputs: dict[str, str | None] | None = None) -> dict:
+    """The stage's job spec: defaults, then the stage's own fields, fromJob resolved from `outputs` (left as
+    fromJob where `outputs` is None, for `dhad plan`). Not yet validated."""
+    return _resolved({**spec.defaults.to_json_dict(), **stage.template().to_json_dict()}, outputs)
+
+
+def gate_spec(spec: PipelineSpec, stage: PipelineStage, model: dict, outputs: dict[str, str | None] | None = None) -> dict:
+    """The gate's EvalJob spec for `model` (the stage's output, or its input for the baseline): the stage's
+    shared fields, then the gate's resources."""
     gate = stage.gate
-    body = {**spec.defaults.to_json_dict(), **{k: v for k, v in stage.template().to_json_dict().items() if k in SHARED_ALIASES},
-            "model": model, "evaluation": gate.evaluation.to_json_dict()}
+    shared = {k: v for k, v in stage.template().to_json_dict().items() if k in SHARED_ALIASES}
+    body = {**spec.defaults.to_json_dict(), **shared, "model": model, "evaluation": gate.evaluation.to_json_dict()}
     if gate.resources is not None:
         body["resources"] = gate.resources.to_json_dict()
-    body = copy.deepcopy(body)
-    if outputs is not None:
-        _resolve_refs(body, outputs)
-    if image and not body.get("image"):
-        body["image"] = image
-    return body
+    return _resolved(body, outputs)
 
 
 def cache_key(kind: JobKind | str, spec: dict, trainer: str) -> str:
@@ -676,7 +671,7 @@ class _Walker:
         for stage in self.spec.stages:
             entry = {"name": stage.name, "kind": stage.kind.value, "state": State.PENDING.value}
             self.walk.stages.append(entry)
-            body = merged_spec(self.spec, stage, self.outputs, None)
+            body = merged_spec(self.spec, stage, self.outputs)
             key, name, report, hit = self.child(stage, "stage", stage.kind, body, entry)
             entry.update(cacheKey=key, job=name)
             if hit is not None:
@@ -728,7 +723,8 @@ class _Walker:
             elif report is not None and report.state == State.FAILED.value:
                 status.update(state=State.FAILED.value, message=f"{report.reason or 'Failed'}: {report.message or ''}")
                 self.walk.current = f"{stage.name}/gate"
-                self.fail("GateFailed", f"gate of stage {stage.name}: EvalJob {name} failed: {status['message']}")
+                self.fail("GateFailed", f"gate of stage {stage.name}: EvalJob {name} failed: {status['message']}; "
+                          f"`kubectl annotate pipeline {self.pipeline} {ANNOTATION_RETRY}={stage.name}` runs it again")
                 return False
             else:
                 status["state"] = State.RUNNING.value if report is not None else State.PENDING.value
