@@ -71,9 +71,10 @@ class JobSpec(RuledModel):
 
 
 class PretrainJobSpec(JobSpec):
-    """Continued pre-training on Arabic text (AceGPT step 1)."""
+    """Continued pre-training on Arabic text (AceGPT step 1): a prepare sub-stage, then training."""
 
-    data: DataPrepSpec = Field(description="data is the corpus and how to clean, dedup, decontaminate and pack it. Required.")
+    data: DataPrepSpec = Field(description="data is the corpus and how to clean, dedup, decontaminate, pack and mix it; the prepare sub-stage does this once per distinct input and tokenizer, and training reads the result. Required.")
+    prepare_only: bool = Field(False, description="prepareOnly runs only the prepare sub-stage: the prepared shards and stats land in S3, where later jobs with the same inputs, tokenizer and data settings reuse them, and no model is trained. Default false.")
     vocabulary: Vocabulary = Field(default_factory=Vocabulary, description="vocabulary optionally adds Arabic tokens first. Default none added.")
     training: PretrainTraining = Field(default_factory=lambda: PretrainTraining(learning_rate=1e-4), description="training is the optimisation. Default learningRate 1e-4.")
 
@@ -140,7 +141,7 @@ class KindInfo:
 
 
 KINDS: dict[JobKind, KindInfo] = {
-    JobKind.PRETRAIN: KindInfo(JobKind.PRETRAIN, "pretrainjobs", ("ptj",), PretrainJobSpec, "pt", ("pretrain",)),
+    JobKind.PRETRAIN: KindInfo(JobKind.PRETRAIN, "pretrainjobs", ("ptj",), PretrainJobSpec, "pt", ("prepare", "pretrain")),
     JobKind.SFT: KindInfo(JobKind.SFT, "sftjobs", ("sftj",), SFTJobSpec, "sft", ("respond", "sft")),
     JobKind.RLAIF: KindInfo(JobKind.RLAIF, "rlaifjobs", ("rlj",), RLAIFJobSpec, "rl", ("feedback", "reward", "policy")),
     JobKind.EVAL: KindInfo(JobKind.EVAL, "evaljobs", ("evj",), EvalJobSpec, "ev", ("eval",)),
@@ -176,7 +177,26 @@ def stages_for(kind: JobKind | str, spec: JobSpec) -> list[str]:
     stages = list(KINDS[JobKind(kind)].stages)
     if isinstance(spec, SFTJobSpec) and spec.respond is None:
         stages.remove("respond")
+    if isinstance(spec, PretrainJobSpec) and spec.prepare_only:
+        stages.remove("pretrain")
     return stages
+
+
+@dataclass(frozen=True)
+class StagePods:
+    pods: int           # pods in the sub-stage's Indexed Job
+    procs_per_pod: int  # torchrun --nproc-per-node (GPUs per pod, 1 on CPU)
+    gpus_per_pod: int   # nvidia.com/gpu requested per pod
+    gang: bool          # True: one failed pod ends the attempt; False: a failed index is retried alone
+
+
+def stage_pods(kind, spec, stage: str) -> StagePods:
+    """How many pods a sub-stage runs and how they fail: training stages are gangs of `resources`;
+    prepare is `data.workers` CPU pods, each retried alone (its shares are independent)."""
+    if stage == "prepare" and isinstance(spec, PretrainJobSpec):
+        return StagePods(spec.data.workers, 1, 0, False)
+    gpus = spec.resources.gpus_per_node
+    return StagePods(spec.resources.nodes, max(gpus, 1), gpus, True)
 
 
 OUTPUT_STAGE = {"pretrain": "pretrain", "sft": "sft", "policy": "policy"}  # sub-stages that write the job's model
