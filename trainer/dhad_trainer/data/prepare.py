@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("position_ids", pa.list_(pa.int32()))])
 STATS_FILE = "stats.json"
 MANIFEST_FILE = "MANIFEST.json"
+PASSES_FILE = "passes.json"  # which worker ran each item, and when: kept after the work files go
 VERSION = 1  # of the prepared layout and algorithm; part of every key
 REASONS = list(DropReason)
 CODE = {r: i + 1 for i, r in enumerate(REASONS)}  # 0 = kept
@@ -76,6 +78,13 @@ TEXTS = pa.schema([("text", pa.large_string()), ("reason", pa.int8()), ("lang", 
                    ("confidence", pa.float32())])
 GROUP_BYTES = 256 * 1024 * 1024  # input bytes per key range of a band: bounds one bucket group's memory
 BATCH = 512
+
+
+def load_tokenizer(path: Path):
+    """A fast tokenizer from its folder without importing torch (AutoTokenizer would: seconds per pod)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 # --- the plan -------------------------------------------------------------------------------------
@@ -313,8 +322,6 @@ def _signatures(ctx: Context, p: int) -> np.ndarray:
 
 def vocabulary_item(ctx: Context, scans: list[dict]) -> dict:
     """New merges learned from the bottom-k sample of all pieces (or of vocabulary.corpus)."""
-    from transformers import AutoTokenizer
-
     from dhad_trainer.data import vocab
 
     limit = ctx.vocabulary["sample_bytes"]
@@ -327,7 +334,7 @@ def vocabulary_item(ctx: Context, scans: list[dict]) -> dict:
             table = pq.read_table(io.BytesIO(ctx.store.get_bytes(uri)))
             streams.append(zip(table.column("hash").to_pylist(), table.column("text").to_pylist(), strict=True))
         texts = vocab.merge_samples(streams, limit)
-    base = AutoTokenizer.from_pretrained(ctx.tokenizer_dir)
+    base = load_tokenizer(ctx.tokenizer_dir)
     out = ctx.scratch / "vocabulary"
     shutil.rmtree(out, ignore_errors=True)
     report = vocab.build_expanded_tokenizer(base, texts, ctx.vocabulary["new_tokens"], out)
@@ -436,6 +443,7 @@ def final_piece(ctx: Context, p: int, tokenizer) -> dict:
         entry["tokens"] += int(tokens[i])
         entry["kept"] += int(reasons[i] == 0)
     local = ctx.scratch / "final"
+    local.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"index": pa.array(np.arange(len(reasons), dtype=np.int32)),
                              "reason": pa.array([REASONS[c - 1].value if c else "" for c in reasons.tolist()]),
                              "lang": texts.column("lang"), "confidence": texts.column("confidence"),
@@ -516,6 +524,7 @@ def merge(ctx: Context, scans: list[dict], finals: list[dict], vocabulary: dict 
                 "sources": [{"name": s["name"], "weight": s["weight"], "blocks": s["blocks"],
                              "mixture_blocks": s["mixture_blocks"], "shards": s["shards"]} for s in sources],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    ctx.store.put_bytes(ctx.uri(PASSES_FILE), json.dumps(_passes(ctx), indent=1).encode())
     ctx.store.put_bytes(ctx.uri(STATS_FILE), (json.dumps(stats, ensure_ascii=False, indent=2) + "\n").encode())
     ctx.store.put_bytes(ctx.uri(MANIFEST_FILE), (json.dumps(manifest, ensure_ascii=False, indent=1) + "\n").encode())
     ctx.store.delete_prefix(ctx.uri("work"))
@@ -524,6 +533,16 @@ def merge(ctx: Context, scans: list[dict], finals: list[dict], vocabulary: dict 
 
 
 # --- the worker loop ------------------------------------------------------------------------------
+
+
+def _passes(ctx: Context) -> dict:
+    """Every item's marker without its result: {pass: {item: {worker, started, finished}}}."""
+    out: dict[str, dict] = {}
+    for stage in ("scan", "bucket", "vocabulary", "attach", "final"):
+        for item, uri in sorted(_done(ctx, stage).items()):
+            marker = json.loads(ctx.store.get_bytes(uri))
+            out.setdefault(stage, {})[str(item)] = {k: marker[k] for k in ("worker", "started", "finished")}
+    return out
 
 
 def _done_uri(ctx: Context, stage: str, item: int) -> str:
@@ -582,7 +601,7 @@ def run_worker(ctx: Context, index: int, workers: int, tokenizer_loader: Callabl
         return json.loads(ctx.store.get_bytes(ctx.uri(STATS_FILE)))
     n, groups = len(ctx.plan.pieces), ctx.plan.banding.groups
     mine = lambda count, offset=0: [i for i in range(count) if (i + offset) % workers == index]  # noqa: E731
-    worker = os.environ.get("HOSTNAME") or f"worker-{index}"
+    worker = f"{os.environ.get('HOSTNAME') or socket.gethostname()}:{os.getpid()}"
     _run_items(ctx, "scan", mine(n), lambda p: scan_piece(ctx, p), worker)
     _wait(ctx, "scan", n)
     if ctx.store.exists(ctx.uri(MANIFEST_FILE)):
@@ -635,8 +654,6 @@ def prepare(spec: DataPrepSpec, tokenizer_dir: str | Path, output: str | Path, *
             vocabulary: dict | None = None, index: int = 0, workers: int = 1, scratch: Path | None = None) -> dict | None:
     """Worker `index` of `workers` preparing into `output` (a folder or an s3:// prefix), all passes.
     With the defaults, the whole pipeline in this process; returns the stats from worker 0."""
-    from transformers import AutoTokenizer
-
     from dhad_trainer.storage.local import LocalStore
 
     store = store or LocalStore()
@@ -647,7 +664,7 @@ def prepare(spec: DataPrepSpec, tokenizer_dir: str | Path, output: str | Path, *
     try:
         ctx = Context(plan, str(output), store, data_store, Path(tokenizer_dir), scratch, vocabulary,
                       list(benchmark_texts))
-        return run_worker(ctx, index, workers, AutoTokenizer.from_pretrained)
+        return run_worker(ctx, index, workers, load_tokenizer)
     finally:
         _decontaminators.clear()
         if own:

@@ -103,13 +103,13 @@ def unreachable_merges(state: dict, new: list[tuple[str, str, str]]) -> list[tup
 
 def expand_tokenizer(base, new: list[tuple[str, str, str]], out_dir: Path):
     """Writes base + new merges/tokens to `out_dir` and returns the reloaded tokenizer and new ids."""
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     base.save_pretrained(out_dir)
     path = Path(out_dir) / "tokenizer.json"
     state = _with_merges(json.loads(path.read_text(encoding="utf-8")), new)
     path.write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
     return tokenizer, [tokenizer.convert_tokens_to_ids(t) for t, _, _ in new]
 
 
