@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dhad_api.jobs import Job, JobSpec, PretrainJobSpec, RLAIFJobSpec, SFTJobSpec, stages_for
+from dhad_api.jobs import Job, JobSpec, PretrainJobSpec, RLAIFJobSpec, SFTJobSpec, stage_pods, stages_for
 from dhad_api.layout import MANIFEST
 from dhad_api.layout import output_root as layout_root
 from dhad_api.reasons import EXIT_REASONS, TERMINATION_LOG_ENV, ExitCode, Reason
@@ -161,6 +161,31 @@ def worker_reason(run_dir: Path) -> tuple[Reason, str]:
     return Reason(first["reason"]), first["message"]
 
 
+def run_in_process(job: Job, stage: str) -> int:
+    """A sub-stage whose pods work alone (prepare): no torchrun, no process group; this pod is worker
+    JOB_COMPLETION_INDEX of the stage's pods, and its failure is retried alone."""
+    from dhad_trainer.runtime.progress import ProgressReporter, sink_from_env
+    from dhad_trainer.stages.prepare import run_pod
+
+    index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    pods = stage_pods(job.kind, job.typed_spec(), stage).pods
+    reporter = ProgressReporter(sink_from_env(), stage) if index == 0 else None
+    work_dir = Path(os.environ.get("DHAD_WORK_DIR", "/tmp/dhad")) / stage
+    try:
+        run_pod(job, output_root(job), index, pods, work_dir, reporter)
+    except Exception as error:  # noqa: BLE001 - classified, reported, exited
+        reason = failure_reason(error)
+        log.exception("%s: %s", reason.value, error)
+        write_termination(reason, f"{stage} worker {index}: {error}")
+        if reporter:
+            reporter.close(final=True, failed=reason.value)
+        return CODES[reason]
+    if reporter:
+        reporter.close(final=True)
+    write_termination(Reason.STAGE_SUCCEEDED, f"stage {stage} worker {index} finished")
+    return ExitCode.SUCCESS
+
+
 def launch(job_file: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher: %(message)s")
     try:
@@ -172,6 +197,8 @@ def launch(job_file: str) -> int:
         log.error("%s: %s", reason.value, error)
         write_termination(reason, str(error))
         return CODES[reason]
+    if not stage_pods(job.kind, job.typed_spec(), stage).gang:
+        return run_in_process(job, stage)
     cmd, nproc = torchrun_command(job, job_file)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // nproc)))

@@ -199,6 +199,7 @@ def work(job_file: str) -> dict:
         spec=spec, stage=stage, model_dir=model_dir, work_dir=work_dir, output_dir=work_dir / "output", inputs=inputs,
         data_store=RoutingStore(spec.storage), resume_from=resume_dir, callbacks=callbacks, deepspeed=ds_config,
         rank=cluster.rank, world_size=cluster.world_size, local_rank=cluster.local_rank, use_cpu=cluster.use_cpu,
+        root=root,
     )
     run.output_dir.mkdir(parents=True, exist_ok=True)
     partial = f"{stage_uri(root, stage)}/partial"

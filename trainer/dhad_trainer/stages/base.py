@@ -35,6 +35,7 @@ class StageRun:
     world_size: int = 1
     local_rank: int = 0
     use_cpu: bool = True
+    root: str = ""  # the job's output root (s3:// or a folder): where earlier sub-stages left pointers
 
     @property
     def is_main(self) -> bool:
