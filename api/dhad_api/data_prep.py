@@ -19,7 +19,6 @@ Uri = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 FieldName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]
 SourceName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
-Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi)?$", max_length=32)]
 
 
 class DigitStyle(StrEnum):
@@ -358,13 +357,6 @@ class DataPrepSpec(RuledModel):
         "jsonl and line-split text files, runs of parquet row groups (gzip files and paragraph-split text "
         "are one piece each). Default 64. Part of the prepared data's identity.",
     )
-    worker_cpu: Quantity | None = Field(
-        None, description="workerCpu is the CPU request and limit of each prepare pod. Empty means none.",
-    )
-    worker_memory: Quantity | None = Field(
-        None, description="workerMemory is the memory request and limit of each prepare pod. Empty means none.",
-    )
-
     rules = (
         Rule("self.sources.all(x, !has(x.name) || self.sources.exists_one(y, has(y.name) && y.name == x.name))",
              "data.sources: names must be unique",

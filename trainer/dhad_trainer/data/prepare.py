@@ -114,7 +114,7 @@ class Plan:
     def identity(self) -> dict:
         """The inputs and settings that decide the prepared data (not the number of workers)."""
         data = self.spec.to_json_dict()
-        for key in ("workers", "workerCpu", "workerMemory"):
+        for key in ("workers",):
             data.pop(key, None)
         return {"version": VERSION, "data": data,
                 "files": [[[f.uri, f.size, f.identity] for f in fs] for fs in self.files],
