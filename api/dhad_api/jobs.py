@@ -78,6 +78,15 @@ class PretrainJobSpec(JobSpec):
     vocabulary: Vocabulary = Field(default_factory=Vocabulary, description="vocabulary optionally adds Arabic tokens first. Default none added.")
     training: PretrainTraining = Field(default_factory=lambda: PretrainTraining(learning_rate=1e-4), description="training is the optimisation. Default learningRate 1e-4.")
 
+    rules = JobSpec.rules + (
+        Rule("self.vocabulary.warmupSteps == 0 || self.distributed.strategy == 'ddp'",
+             "vocabulary.warmupSteps needs distributed.strategy ddp (the embeddings-only phase is a separate DDP run)",
+             lambda s: s.vocabulary.warmup_steps == 0 or s.distributed.strategy.value == "ddp", ".vocabulary.warmupSteps"),
+        Rule("self.vocabulary.warmupSteps == 0 || self.vocabulary.newTokens > 0",
+             "vocabulary.warmupSteps needs vocabulary.newTokens (it warms up the new embedding rows)",
+             lambda s: s.vocabulary.warmup_steps == 0 or s.vocabulary.new_tokens > 0, ".vocabulary.warmupSteps"),
+    )
+
 
 class SFTJobSpec(JobSpec):
     """Supervised fine-tuning on native Arabic instructions (AceGPT step 2)."""

@@ -120,6 +120,20 @@ BAD = [
     ("vocab-negative", "pretrain", {"spec.vocabulary.newTokens": -5}, "spec.vocabulary.newTokens"),
     ("tokens-and-steps", "pretrain", {"spec.training.maxTokens": 1000000}, "at most one of maxTokens, maxSteps and epochs"),
     ("no-sources", "pretrain", {"spec.data.sources": []}, "spec.data.sources"),
+    ("source-weight-zero", "pretrain", {"spec.data.sources": [{"uri": "s3://b/x", "weight": 0}]}, "spec.data.sources[0].weight"),
+    ("source-names-repeat", "pretrain", {"spec.data.sources": [{"uri": "s3://b/x", "name": "ar"}, {"uri": "s3://b/y", "name": "ar"}]},
+     "data.sources: names must be unique"),
+    ("source-name-not-dns", "pretrain", {"spec.data.sources": [{"uri": "s3://b/x", "name": "Arabic Web"}]}, "spec.data.sources[0].name"),
+    ("language-code", "pretrain", {"spec.data.filters.languages": ["Arabic"]}, "spec.data.filters.languages[0]"),
+    ("source-language-code", "pretrain", {"spec.data.sources": [{"uri": "s3://b/x", "filters": {"languages": ["EN"]}}]},
+     "spec.data.sources[0].filters.languages[0]"),
+    ("workers-zero", "pretrain", {"spec.data.workers": 0}, "spec.data.workers"),
+    ("split-too-small", "pretrain", {"spec.data.splitMegabytes": 0}, "spec.data.splitMegabytes"),
+    ("vocab-sample-zero", "pretrain", {"spec.vocabulary.sampleMegabytes": 0}, "spec.vocabulary.sampleMegabytes"),
+    ("vocab-warmup-negative", "pretrain", {"spec.vocabulary.warmupSteps": -1}, "spec.vocabulary.warmupSteps"),
+    ("vocab-warmup-deepspeed", "pretrain", {"spec.vocabulary.warmupSteps": 5, "spec.distributed": {"strategy": "deepspeed"}},
+     "vocabulary.warmupSteps needs distributed.strategy ddp"),
+    ("vocab-warmup-no-tokens", "pretrain", {"spec.vocabulary": {"warmupSteps": 5}}, "vocabulary.warmupSteps needs vocabulary.newTokens"),
 ]
 
 
