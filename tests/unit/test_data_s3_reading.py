@@ -135,9 +135,11 @@ def test_a_read_cut_mid_object_resumes_at_the_byte_it_reached(proxied, s3_prefix
         got = f.read()
         raw = f.raw
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
-    assert proxy.cut_done == [1_000_003] and raw.retries == 1
+    assert proxy.cut_done == [1_000_003] and len(raw.resumed_at) == 1
+    reached = raw.resumed_at[0]  # what reached the reader before the socket closed (urllib3 reads in chunks)
+    assert 1_000_003 - 65536 <= reached <= 1_000_003
     ranges = [r for line, r in proxy.requests if line.startswith("GET ")]
-    assert ranges[0].startswith("bytes=0-") and ranges[1].startswith("bytes=1000003-")
+    assert len(ranges) == 2 and ranges[0].startswith("bytes=0-") and ranges[1].startswith(f"bytes={reached}-")
 
 
 def test_a_connection_that_keeps_breaking_is_a_storage_error_naming_the_byte(proxied, s3_prefix, monkeypatch):
@@ -146,7 +148,7 @@ def test_a_connection_that_keeps_breaking_is_a_storage_error_naming_the_byte(pro
     uri = f"{s3_prefix}/blob.bin"
     store.put_bytes(uri, os.urandom(200_000))
     proxy.cuts = [150_000, 0, 0, 0]  # one cut after progress, then no byte gets through
-    with pytest.raises(StorageError, match=r"failed at byte 150000 of 200000 after 3 attempts"), store.open(uri) as f:
+    with pytest.raises(StorageError, match=r"failed at byte 1[0-5][0-9]{4} of 200000 after 3 attempts"), store.open(uri) as f:
         f.read()
     assert proxy.cut_done == [150_000, 0, 0]
 

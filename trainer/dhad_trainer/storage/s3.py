@@ -52,7 +52,7 @@ class _RangedReader(io.RawIOBase):
         self.pos = 0
         self.resp = None
         self.requests = 0  # GETs issued (tests and logs read it)
-        self.retries = 0
+        self.resumed_at: list[int] = []  # byte offsets reads were resumed from
 
     def readable(self) -> bool:
         return True
@@ -108,7 +108,7 @@ class _RangedReader(io.RawIOBase):
                 if attempt + 1 == READ_ATTEMPTS:
                     raise StorageError(_scrub(f"read {self.uri}: failed at byte {self.pos} of {self.size} after "
                                               f"{READ_ATTEMPTS} attempts ({type(error).__name__}: {error})")) from None
-                self.retries += 1
+                self.resumed_at.append(self.pos)
                 wait = min(READ_BACKOFF * 2**attempt, 8.0) * (0.5 + random.random() / 2)
                 log.warning("read %s broke at byte %d (%s); resuming in %.1f s", self.uri, self.pos,
                             type(error).__name__, wait)
