@@ -15,7 +15,14 @@ from dhad_trainer.data.filters import DropReason, check
 from dhad_trainer.data.language import identify
 from dhad_trainer.data.prepare import prepare
 from tests.support.arabic_corpus import byte_level_tokenizer, write_jsonl
-from tests.support.language_samples import DIALECT_ARABIC, LANGUAGES, MIXED_ARABIC, SENTENCES, SHORT, documents
+from tests.support.language_samples import (
+    DIALECT_ARABIC,
+    LANGUAGES,
+    MIXED_ARABIC,
+    SENTENCES,
+    SHORT,
+    documents,
+)
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)

@@ -134,7 +134,7 @@ class Context:
     vocabulary: dict | None = None  # {"new_tokens", "sample_bytes", "corpus"} when expanding
     benchmark_texts: list[str] = field(default_factory=list)
     on_item: Callable[[str, int], None] | None = None  # progress: (pass, item) done by this worker
-    poll: float = 1.0
+    poll: float = 0.5
 
     @property
     def spec(self) -> DataPrepSpec:
@@ -572,7 +572,7 @@ def _wait(ctx: Context, stage: str, count: int) -> None:
             log.info("waiting for %d %s item(s) of other workers", count - len(_done(ctx, stage)), stage)
             since = time.monotonic()
         time.sleep(delay)
-        delay = min(delay * 1.5, 5.0)
+        delay = min(delay * 1.5, 2.0)
 
 
 def _run_items(ctx: Context, stage: str, items: list[int], fn: Callable[[int], dict], worker: str) -> None:
