@@ -16,7 +16,7 @@ from dhad_api.reasons import ExitCode, Reason
 from dhad_trainer.local.tiny import DEFAULT_CORPUS, init_tiny_model
 from dhad_trainer.storage.checkpoints import CheckpointStore
 from dhad_trainer.storage.routing import open_store
-from tests.unit.test_launcher import Launch, job_doc
+from tests.unit.test_launcher import Launch, job_doc, prepare_job
 
 pytestmark = [pytest.mark.torchrun, pytest.mark.s3]
 STEPS = 8
@@ -40,9 +40,7 @@ def runs(s3_server, s3_bucket, tmp_path_factory):
     env = {**env, "DHAD_PREPARED_ROOT": f"{base}/prepared"}
 
     def launch(uid: str, folder, extra: dict) -> Launch:
-        prep = Launch.start(doc(uid), folder / "prepare", {**env, "DHAD_STAGE": "prepare"}, nproc=1)
-        assert prep.wait() == 0, prep.log[-4000:]
-        out["prepared"][folder.name] = prep.log
+        out["prepared"][folder.name] = prepare_job(doc(uid), folder / "prepare", env).log
         return Launch.start(doc(uid), folder, {**env, "DHAD_STAGE": "pretrain", **extra})
 
     full = launch("a", tmp / "a", {"DHAD_TEST_BATCH_LOG": str(tmp / "a" / "batches")})
