@@ -3,7 +3,7 @@ accelerator, gloo), checkpointing to S3, crashing, and resuming.
 
 ZeRO-2 runs as one node with two processes and is preempted (SIGTERM) mid-run. ZeRO-3 runs as two one-process "nodes" (two launchers, node
 ranks 0 and 1 on 127.0.0.1), which is where per-node uploads matter: each node holds its own ZeRO shards.
-That run also expands the vocabulary, so both nodes must build the same tokenizer and data.
+That run also expands the vocabulary: the prepare pod learns the merges once, both nodes resize the model from them.
 """
 
 from __future__ import annotations
