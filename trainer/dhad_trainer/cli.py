@@ -44,10 +44,9 @@ def init_model(args: argparse.Namespace) -> int:
 
 @command("prepare")
 def prepare_data(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from dhad_api.jobs import PretrainJobSpec, parse_spec
     from dhad_trainer.data.prepare import prepare
+    from dhad_trainer.storage.routing import RoutingStore, open_store
 
     doc = load_manifest(args.file)
     spec = parse_spec(doc["kind"], doc["spec"])
@@ -56,9 +55,11 @@ def prepare_data(args: argparse.Namespace) -> int:
     data = spec.data
     if args.source:
         data = data.model_copy(update={"sources": [s.model_copy(update={"uri": args.source}) for s in data.sources]})
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    stats = prepare(data, tokenizer, Path(args.output))
-    print(json.dumps(stats, indent=2, ensure_ascii=False))
+    output = str(args.output)
+    stats = prepare(data, Path(args.tokenizer), output, store=open_store(output, spec.storage),
+                    data_store=RoutingStore(spec.storage), index=args.index, workers=args.workers or data.workers)
+    if stats is not None:
+        print(json.dumps({k: v for k, v in stats.items() if k != "shards"}, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -200,8 +201,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="run a PretrainJob's data pipeline locally")
     p.add_argument("-f", "--file", required=True, type=Path, help="PretrainJob manifest")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder")
-    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--output", required=True, help="folder or s3:// prefix for the prepared dataset")
     p.add_argument("--source", help="override every source URI (for example a local copy)")
+    p.add_argument("--workers", type=int, default=0, help="workers sharing the output (default data.workers)")
+    p.add_argument("--index", type=int, default=0, help="this worker's index; worker 0 writes the manifest")
     p = sub.add_parser("crds", help="write the CRDs generated from the API models")
     p.add_argument("--output", default=None)
     _eval_parsers(sub)
