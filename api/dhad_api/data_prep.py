@@ -17,7 +17,7 @@ from dhad_api.base import DhadModel, Rule, RuledModel
 
 Uri = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 FieldName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]
+LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$", max_length=3)]
 SourceName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 
 
@@ -190,7 +190,7 @@ class SourceSpec(DhadModel):
     name: SourceName | None = Field(
         None,
         description="name labels the source in the stats (tokens before and after filtering and in the "
-        "mixture), a DNS label. Empty means source-<position>, counted from 0.",
+        "mixture), a DNS label. Default empty: source-<position>, counted from 0.",
     )
     weight: float = Field(
         1.0,
@@ -203,7 +203,7 @@ class SourceSpec(DhadModel):
     filters: FilterSpec | None = Field(
         None,
         description="filters replaces data.filters for this source (for example languages [en] and "
-        "minArabicRatio 0 for English replay data). Empty means data.filters.",
+        "minArabicRatio 0 for English replay data). Default empty: data.filters.",
     )
 
 
