@@ -351,7 +351,7 @@ class DataPrepSpec(RuledModel):
     )
     split_megabytes: float = Field(
         64,
-        ge=0.001,
+        gt=0,
         le=65536,
         description="splitMegabytes is the size of the input pieces workers share out: byte ranges of "
         "jsonl and line-split text files, runs of parquet row groups (gzip files and paragraph-split text "

@@ -21,7 +21,7 @@ class Vocabulary(DhadModel):
     new_tokens: int = Field(0, ge=0, le=262144, description="newTokens is how many Arabic BPE tokens to add; 0 disables expansion. Default 0.")
     corpus: Uri | None = Field(None, description="corpus is the text to learn the new merges from (a bounded sample of it, see sampleMegabytes). Empty means a sample of the job's cleaned, deduplicated data.")
     sample_megabytes: float = Field(
-        64, ge=0.01, le=65536,
+        64, gt=0, le=65536,
         description="sampleMegabytes bounds the text the new merges are learned from, in MB of UTF-8: a fixed pseudo-random sample, streamed, the same for any number of prepare workers. Default 64.",
     )
     warmup_steps: int = Field(

@@ -29,6 +29,7 @@ from dhad_trainer.storage.base import CHUNK, FileEntry, StorageError, _Hashing, 
 
 PART_SIZE = 32 * 1024 * 1024  # multipart part size; bigger files go up in parts, 2 in flight per file
 READ_WINDOW = 8 * 1024 * 1024  # one ranged GET covers at most this much of a streamed object
+FIRST_WINDOW = 256 * 1024  # after opening or seeking: random access (parquet) fetches little extra
 READ_ATTEMPTS = int(os.environ.get("DHAD_S3_READ_ATTEMPTS", "6"))
 READ_BACKOFF = float(os.environ.get("DHAD_S3_READ_BACKOFF", "0.5"))  # seconds, doubled per attempt, capped at 8
 
@@ -51,6 +52,7 @@ class _RangedReader(io.RawIOBase):
         self.store, self.uri, self.bucket, self.key, self.size, self.etag = store, uri, bucket, key, size, etag
         self.pos = 0
         self.resp = None
+        self.window = FIRST_WINDOW  # doubles while reads stay sequential
         self.requests = 0  # GETs issued (tests and logs read it)
         self.resumed_at: list[int] = []  # byte offsets reads were resumed from
 
@@ -68,6 +70,7 @@ class _RangedReader(io.RawIOBase):
         if target != self.pos:
             self._drop()
             self.pos = max(0, target)
+            self.window = FIRST_WINDOW
         return self.pos
 
     def _drop(self) -> None:
@@ -80,12 +83,18 @@ class _RangedReader(io.RawIOBase):
             self.resp = None
 
     def _open(self, want: int) -> None:
-        length = min(self.size - self.pos, max(want, READ_WINDOW))
+        length = min(self.size - self.pos, max(want, self.window))
+        self.window = min(self.window * 2, READ_WINDOW)
         headers = {"If-Match": self.etag} if self.etag else None
         self.requests += 1
         self.resp = self.store._call(f"read {self.uri}", self.store.client.get_object, self.bucket, self.key,
                                      offset=self.pos, length=length, request_headers=headers)
         self.resp_end = self.pos + length
+        etag = (self.resp.headers.get("ETag") or "").strip('"')
+        if self.etag and etag and etag != self.etag.strip('"'):  # servers that ignore If-Match
+            self._drop()
+            raise StorageError(f"read {self.uri}: the object changed while being read (ETag {self.etag} -> {etag}; "
+                               "S3 error PreconditionFailed)")
 
     def readinto(self, buf) -> int:
         if self.pos >= self.size or len(buf) == 0:
@@ -168,7 +177,7 @@ class S3Store(_StoreBase):
     def open(self, uri: str) -> BinaryIO:
         bucket, key = split_s3(uri)
         stat = self._call(f"stat {uri}", self.client.stat_object, bucket, key)
-        return io.BufferedReader(_RangedReader(self, uri, bucket, key, stat.size, stat.etag or ""), CHUNK)
+        return io.BufferedReader(_RangedReader(self, uri, bucket, key, stat.size, stat.etag or ""), FIRST_WINDOW)
 
     def describe(self, uris: list[str]) -> list[tuple[str, int, str]]:
         """(uri, size, "etag:<ETag>") of each object, from one listing per bucket prefix in common."""
