@@ -83,7 +83,7 @@ def test_three_worker_pods_prepare_what_one_does_and_a_deleted_worker_is_retried
         raise AssertionError(node_agent.logs(namespace)) from None
     victim = next(p for p in core.list_namespaced_pod(namespace, label_selector="dhad.dev/job=prep-three").items
                   if p.metadata.annotations.get("batch.kubernetes.io/job-completion-index") == "1")
-    core.delete_namespaced_pod(victim.metadata.name, namespace, grace_period_seconds=0)
+    core.delete_namespaced_pod(victim.metadata.name, namespace)  # SIGTERM: the worker process ends at once
     at_kill = {}
     for key in store.list(three_root + "/"):
         if "/work/done/" in key:
