@@ -138,6 +138,8 @@ def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int) -> list[d
     for var, endpoint in _endpoints(spec):
         if endpoint.api_key_secret_ref:
             env.append(_secret_env(var, endpoint.api_key_secret_ref))
+    if spec.hf_token_secret_ref:
+        env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref))
     for var in spec.env:
         env.append({"name": var.name, "value": var.value} if var.value is not None
                    else {"name": var.name, "valueFrom": {"secretKeyRef": var.value_from.secret_key_ref.model_dump()}})
