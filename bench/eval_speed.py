@@ -43,7 +43,7 @@ def measure(
     model_dir: str, shots: int, args: argparse.Namespace
 ) -> tuple[dict[str, float], dict[str, int], str]:
     base = HFModelRunner.from_pretrained(model_dir, device=args.device)
-    items = load_suite(MMLU, args.benchmarks, limit=2)[: args.items]
+    items = load_suite(MMLU, args.benchmarks, limit=2, limit_per="subject")[: args.items]
     dev = load_suite(MMLU, args.benchmarks, "dev") if shots else []
     calls: list[int] = []
     base.model.register_forward_hook(lambda *_: calls.append(1))

@@ -12,7 +12,7 @@ from dhad_trainer.evaluation.loaders import EvalItem
 from dhad_trainer.evaluation.mmlu_subjects import CATEGORIES
 from dhad_trainer.evaluation.prompts import build_prompt, continuations, shots_by_subject
 from dhad_trainer.evaluation.report import write_report
-from dhad_trainer.evaluation.scoring import GENERATE, JUDGED, LOGLIKELIHOOD, score_suite
+from dhad_trainer.evaluation.scoring import GENERATE, JUDGED, LOGLIKELIHOOD, PAIRWISE, score_suite
 
 CHOICES = {"A": "واحد", "B": "اثنان", "C": "ثلاثة", "D": "أربعة"}
 
@@ -117,16 +117,26 @@ def test_open_ended_judged_in_both_orders() -> None:
     refs = {"0": "قصير", "1": "إجابة مرجعية طويلة جدا جدا", "2": "إجابة طويلة"}  # "3" has no reference
     runner = ScriptedRunner(["إجابة طويلة"])
     r = score_suite(items, runner, GENERATE, judge=LengthJudge(), references=refs, max_new_tokens_open=64)
-    assert r.method == JUDGED and [x.pred for x in r.items] == ["win", "loss", "tie", None]
-    assert (r.metrics["wins"], r.metrics["ties"], r.metrics["losses"], r.metrics["invalid"]) == (1, 1, 1, 1)
-    assert r.metrics["score"] == pytest.approx(0.5) and r.metrics["missing_references"] == 1
+    assert r.method == JUDGED == PAIRWISE and [x.pred for x in r.items] == ["win", "loss", "tie", None]
+    assert (r.metrics["wins"], r.metrics["ties"], r.metrics["losses"], r.metrics["invalid"]) == (1, 1, 1, 0)
+    assert r.metrics["score"] == pytest.approx(0.5) and r.metrics["missing_references"] == 1  # not judged
     assert runner.calls == [("generate", 4, 64)]
     biased = score_suite(items[:3], runner, GENERATE, judge=FirstJudge(), references=refs, judge_runs=3)
-    assert biased.metrics["ties"] == 9 and biased.metrics["score"] == 0.5  # position bias cancels out
+    assert biased.metrics["ties"] == 9 and biased.metrics["score"] == 0.5  # position bias cancels out...
+    assert biased.metrics["inconsistent"] == 9 and biased.flag  # ...and the report says the judge is biased
     broken = score_suite(items[:2], runner, GENERATE, judge=BrokenJudge(), references=refs)
-    assert broken.metrics["invalid"] == 2 and broken.headline == 0.0
+    assert broken.metrics["invalid"] == 2 and broken.flag == "no valid verdict"
     unjudged = score_suite(items, runner, GENERATE)
     assert unjudged.headline is None and unjudged.items[0].output == "إجابة طويلة"
+
+
+def test_generate_counts_hedges_apart() -> None:
+    items = [mc(i, "A") for i in range(4)]
+    r = score_suite(items, ScriptedRunner(["A, B, C, D", "A", "كلام عشوائي ب", "لا أعرف"]), GENERATE)
+    assert [x.pred for x in r.items] == [None, "A", None, None]
+    assert [x.reason for x in r.items] == ["hedged", None, "leftover", "abstained"]
+    assert r.metrics["accuracy"] == 0.25 and r.metrics["hedged"] == 1  # the hedge earns nothing
+    assert r.metrics["unparsed_reasons"] == {"abstained": 1, "hedged": 1, "leftover": 1}
 
 
 def test_report_files(tmp_path: Path) -> None:
@@ -155,7 +165,7 @@ def test_report_files(tmp_path: Path) -> None:
         "arabic-mmlu/loglikelihood",
         "acva/generate",
         "acva/loglikelihood",
-        "alpaca-eval/generate+judge",
+        "alpaca-eval/judge-pairwise",
     }
     out = tmp_path / "out"
     for name in (
@@ -172,5 +182,5 @@ def test_report_files(tmp_path: Path) -> None:
     assert doc["suites"][0]["metrics"]["per_category"] and doc["duplicates"]["acva"]["n_items"] == 12
     md = (out / "summary.md").read_text(encoding="utf-8")
     assert "| arabic-mmlu | loglikelihood |" in md and "not comparable" in md and "Duplicate questions" in md
-    preds = (out / "predictions_alpaca-eval_generate_judge.jsonl").read_text(encoding="utf-8").splitlines()
+    preds = (out / "predictions_alpaca-eval_judge-pairwise.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(preds) == 3 and json.loads(preds[0])["method"] == JUDGED
