@@ -138,6 +138,23 @@ def test_shared_prefix_is_computed_once_and_scores_the_same(tiny) -> None:
     assert one.stats["forwards"] == 1  # the four letters of one question share one row
 
 
+def test_windowed_tokenization_equals_whole_encoding(tiny) -> None:
+    """Each continuation is tokenized with the context's last 64 characters only; the ids must be the
+    ones a whole encoding gives, merges across the boundary included."""
+    model, tok = tiny
+    long = " ".join(SENTENCES) * 2
+    requests = [(long + "\nإجابة:", f" {x}") for x in "ABCD"] + [
+        (long + " كان الخليل", "ي عالما"),  # the continuation merges with the context's last word
+        (long + " الإجابة", "الصحيحة"),
+        (long + " نعم", ""),
+        ("قصير", " جدا"),  # shorter than the window: encoded whole
+        (long + "   ", " نعم"),  # trailing spaces merge with the continuation's
+    ]
+    runner = HFModelRunner(model, tok)
+    assert runner._pairs(requests) == [runner._split(c, x) for c, x in requests]
+    assert runner.whole_encodes == 1  # only the short context; the windowed path did the rest
+
+
 def test_batched_generation_matches_single(tiny) -> None:
     model, tok = tiny
     prompts = ["سؤال: ما عاصمة مصر؟\nإجابة:", "نعم", "فيما يلي أسئلة الاختيار من متعدد حول علم الأحياء"]

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages rendered with the tokenizer's template
 MIN_SHARED_PREFIX = 32  # tokens; below this a prefix pass costs more than it saves
+WINDOW_CHARS = 64  # characters of context tokenized with each continuation (see _pairs)
+SYNC_TOKENS = 8
 
 
 @dataclass
@@ -51,6 +53,7 @@ class TokenizedPrompts:
 
     def __init__(self, tokenizer: Any, *, chat_template: bool, max_length: int) -> None:
         self.tok, self.chat_template, self.max_length = tokenizer, chat_template, max_length
+        self.whole_encodes = 0  # continuations tokenized with their whole context (see _pairs)
 
     def _wrap(self, prompt: Prompt) -> str:
         if isinstance(prompt, list):  # chat messages: the template when there is one
@@ -193,14 +196,38 @@ class HFModelRunner(TokenizedPrompts):
                 out[i] = text
         return out
 
+    def _pairs(self, requests: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+        """(context+continuation ids, where the continuation starts) per request, as `_split` gives them,
+        tokenizing each distinct context once and each continuation only with the context's last
+        WINDOW_CHARS characters. A merge across the boundary reaches a few characters back, so past its
+        first tokens the window tokenizes as the context does; that is checked per context (at least
+        SYNC_TOKENS agreeing tokens, and the continuation changing nothing before them), and a context
+        where it fails is encoded whole with each continuation."""
+        wrapped = [self._wrap(c) for c, _ in requests]
+        contexts = list(dict.fromkeys(wrapped))
+        ctx_ids = dict(zip(contexts, self._encode_batch(contexts), strict=True))
+        windows = {c: c[-WINDOW_CHARS:] for c in contexts}
+        win_ids = dict(zip(contexts, self._encode_batch([windows[c] for c in contexts], special=False), strict=True))
+        tails = self._encode_batch([windows[w] + cont for w, (_, cont) in zip(wrapped, requests, strict=True)],
+                                   special=False)
+        out: list[tuple[list[int], int]] = []
+        for w, (_, cont), tail in zip(wrapped, requests, tails, strict=True):
+            ctx, win = ctx_ids[w], win_ids[w]
+            synced = len(win) - 2  # the window's first tokens may differ (a cut word, a dummy prefix)
+            common = _common_prefix(win, tail, len(win))
+            if len(w) > WINDOW_CHARS and synced >= SYNC_TOKENS and ctx[-synced:] == win[-synced:] \
+                    and common >= len(win) - synced:
+                full = ctx[: len(ctx) - (len(win) - common)] + tail[common:]
+            else:
+                full = self._encode(w + cont)
+                self.whole_encodes += 1
+            out.append(self._align(ctx, full))
+        return out
+
     def _rows(self, requests: list[tuple[str, str]]) -> list[_Row]:
         """One row per distinct "everything but the last token"; see the module docstring."""
-        contexts = list(dict.fromkeys(self._wrap(c) for c, _ in requests))  # 4 choices share one context
-        encoded = dict(zip(contexts, self._encode_batch(contexts), strict=True))
-        fulls = self._encode_batch([self._wrap(c) + x for c, x in requests])
         rows: dict[tuple[int, ...], _Row] = {}
-        for i, (ctx, _) in enumerate(requests):
-            full, start = self._align(encoded[self._wrap(ctx)], fulls[i])
+        for i, (full, start) in enumerate(self._pairs(requests)):
             key = tuple(full[:-1])
             rows.setdefault(key, _Row(list(key))).asks.append((i, full[-1], len(full) - 1 - start))
         return list(rows.values())
