@@ -260,7 +260,7 @@ class Evaluation(RuledModel):
     reference_answers: Uri | None = Field(None, description="referenceAnswers holds the reference system's answers for open-ended suites. Required with vicuna-80 or alpaca-eval.")
     judge: Judge | None = Field(None, description="judge compares open-ended answers with the reference. Required with vicuna-80 or alpaca-eval.")
     open_ended_metrics: list[OpenEndedMetric] = Field(
-        default_factory=lambda: [OpenEndedMetric.JUDGE_SCORES.value, OpenEndedMetric.JUDGE_PAIRWISE.value], min_length=1, max_length=2,
+        default_factory=lambda: [OpenEndedMetric.JUDGE_SCORES.value, OpenEndedMetric.JUDGE_PAIRWISE.value], min_length=1, max_length=2, validate_default=True,
         description="openEndedMetrics are judge-scores (AceGPT's figure: both answers scored 1-10 in one prompt, in both positions; the ratio of summed scores) and judge-pairwise (the judge prefers one answer, in both orders). Default both.",
     )
     runs: int = Field(3, ge=1, le=10, description="runs is how often judge-scores scores every question in both positions (AceGPT: 3; runs after the first are sampled); the report gives the mean ratio and its spread. Default 3.")

@@ -93,7 +93,10 @@ def test_acegpt_ratio_from_a_scripted_judge_is_exact() -> None:
     dropped = [j for j in r.items[1].judged if j["run"] == 1 and not j["model_first"]]
     assert dropped[0]["status"] == "unparseable" and dropped[0]["model"] is None and dropped[0]["attempts"] == 2
     assert len(bodies) == 12 + 1 + 1  # one retry that parsed, one that did not
-    assert {b["temperature"] for b in bodies} == {0.7} and {int(b["seed"]) // 1000 for b in bodies} == {0, 1}
+    run0 = [b for b in bodies if "seed" not in b]
+    assert len(run0) == 6 and {b["temperature"] for b in run0} == {0.0}  # run 0 greedy, retries and run 1 sampled
+    assert {b["temperature"] for b in bodies if "seed" in b} == {0.7}
+    assert sorted(int(b["seed"]) for b in bodies if "seed" in b) == [2] + [1001] * 6 + [1002]
     assert "1 إلى 10" in m["prompt"] and m["prompt"] == prompt_text()
 
 

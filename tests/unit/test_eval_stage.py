@@ -159,12 +159,18 @@ def test_cli_eval(tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     doc = json.loads((tmp_path / "a" / "report" / "results.json").read_text(encoding="utf-8"))
     assert [s["metrics"]["n"] for s in doc["suites"]] == [24, 24]
 
-    # the tiny manifest: method and limit from the file, suites and locations from the flags
+    # the tiny manifest: method, limit and the compared base model from the file, suites and locations
+    # from the flags; its base model is an s3:// URI, so locally it must be given as a folder
     manifest = REPO / "examples" / "tiny" / "eval.yaml"
     common[-1] = str(tmp_path / "b")
+    with pytest.raises(SystemExit, match="evaluation.compare base: its model is not a local folder"):
+        main(["eval", "-f", str(manifest), *common, "--suites", "exams"])
+    common += ["--model", f"base={model}"]
     assert main(["eval", "-f", str(manifest), *common, "--suites", "exams", "--exclude-duplicates"]) == 0
     doc = json.loads((tmp_path / "b" / "report" / "results.json").read_text(encoding="utf-8"))
-    assert list(doc["headline"]) == ["exams/loglikelihood"] and doc["suites"][0]["metrics"]["n"] == 24
+    assert list(doc["headline"]) == ["exams/loglikelihood", "base:exams/loglikelihood"]
+    assert doc["models"] == [model.name, "base"] and doc["suites"][0]["metrics"]["n"] == 24
+    assert doc["headline"]["exams/loglikelihood"] == doc["headline"]["base:exams/loglikelihood"]  # same weights
     with pytest.raises(SystemExit, match="judge model"):  # fromJob judge: a folder must be given locally
         main(["eval", "-f", str(manifest), *common, "--suites", "vicuna-80", "--references", str(refs)])
 

@@ -27,7 +27,7 @@ from dhad_trainer.llm.types import ChatRequest, EndpointConfig
 log = logging.getLogger(__name__)
 
 OK, UNPARSEABLE, ERROR = "ok", "unparseable", "error"
-RUN_TEMPERATURE = 0.7  # runs after the first (and retries) sample, so several runs are several opinions
+RUN_TEMPERATURE = 0.7  # runs after the first, and retries, sample: several runs are several opinions
 SCORE_PROMPT_VERSION = "ar-v1"
 
 SCORE_SYSTEM = "أنت مُقيِّم دقيق ومحايد لجودة إجابات المساعدات الذكية باللغة العربية."

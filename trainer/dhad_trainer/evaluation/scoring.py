@@ -186,7 +186,7 @@ def judge_scores(
     raw: dict[str, list[dict]] = {}
     for run in range(runs):
         asks = [(q, a, r) if first else (q, r, a) for _, q, a, r in pairs for first in (True, False)]
-        got = judge.score_many(asks, run, sample=runs > 1)
+        got = judge.score_many(asks, run, sample=run > 0)  # the first run greedy, later runs sampled
         for k, scored in enumerate(got):
             item_id, first = pairs[k // 2][0], k % 2 == 0
             s = scored.scores
@@ -205,8 +205,7 @@ def judge_scores(
     dedup = None
     if exclude:
         dedup = M.ratio_summary([j for j in judgements if j.item_id not in exclude], runs, seed)
-    notes = [f"{runs} run(s); runs after the first and retries sampled at temperature 0.7" if runs > 1
-             else "1 run, greedy"]
+    notes = [f"{runs} run(s): the first greedy, the others and every retry sampled at temperature 0.7"]
     return SuiteResult(items[0].suite, SCORES, 0, metrics, results, time.perf_counter() - start, dedup, notes)
 
 

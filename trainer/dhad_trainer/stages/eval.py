@@ -206,8 +206,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Evaluate the model (and `ev.compare`'s, found in `compare_dirs` by name) as `ev` says; returns the
     headline scores ("<suite>/<method>", "<name>:<suite>/<method>" for compared models)."""
+    import torch
+
     from dhad_trainer.evaluation.references import fetch_references
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # the judge goes where the models go
     dirs = {model_name or Path(model_dir).name: (Path(model_dir), dtype)}
     for compared in ev.compare:
         where = (compare_dirs or {}).get(compared.name) or (
@@ -227,7 +230,7 @@ def evaluate(
         )
         references = {suite: load_references(p) for suite, p in paths.items()}
         judge, score_judge = make_judges(ev.judge, [str(m) for m in ev.open_ended_metrics], judge_dir,
-                                         batch_size=ev.batch_size, device=device or "cpu", dtype=dtype,
+                                         batch_size=ev.batch_size, device=device, dtype=dtype,
                                          seed=ev.seed)
     backend, described = generation_backend(ev.use_vllm, device)
     shortest = min(context_length(d) for d, _ in dirs.values())
