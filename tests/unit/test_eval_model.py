@@ -117,10 +117,13 @@ def test_shared_prefix_is_computed_once_and_scores_the_same(tiny) -> None:
         f"سؤال: {s}\nإجابة: ب\n\n" for s in SENTENCES[:4]
     )
     other = "اللغة العربية من أقدم اللغات السامية وأوسعها انتشارا في العالم. " * 3
+    shorter = "فيما يلي أسئلة حول اللغة\n\n" + "".join(f"سؤال: {s}\nإجابة: أ\n\n" for s in SENTENCES[5:7])
     requests = [
         (shots + f"سؤال: ما عاصمة البلد رقم {k}؟\nإجابة:", cont)
         for k in range(5)
         for cont in (" A", " B", " C", " D", " القاهرة")  # one-token and several-token continuations
+    ] + [  # a second subject whose shared prefix is shorter: prefixes of two lengths in one pass
+        (shorter + f"سؤال: {w}\nإجابة:", cont) for w in ("الأولى", "الثانية الطويلة جدا") for cont in (" أ", " ب")
     ] + [(other + "إجابة:", " نعم"), (other + "إجابة:", " لا"), ("كان الخليل", "ي عالما")]
     cached = HFModelRunner(model, tok, batch_size=4)
     plain = HFModelRunner(model, tok, batch_size=4, prefix_cache=False)
@@ -130,6 +133,8 @@ def test_shared_prefix_is_computed_once_and_scores_the_same(tiny) -> None:
         assert value == pytest.approx(_manual_logprob(model, ids, start), abs=1e-4)
     assert got == pytest.approx(want, abs=1e-4)
     prefix_len = len(tok(shots)["input_ids"])
+    groups = [p for p, _ in cached._groups(cached._rows(requests)) if p]
+    assert len(groups) == 2 and len(set(groups)) == 2  # two subjects, two prefix lengths, one prefix pass
     assert cached.stats["prefix_tokens"] >= prefix_len  # the five questions' prefix was run once...
     assert cached.stats["prefix_tokens"] + cached.stats["row_tokens"] < plain.stats["row_tokens"] * 0.6  # ...not 5x
     single = [(shots + "سؤال: س\nإجابة:", f" {x}") for x in "ABCD"]

@@ -109,9 +109,20 @@ def test_stage_all_suites(tiny, tmp_path: Path, method: str, shots: int) -> None
     for sample in doc["samples"].values():  # the report names the seed and the items used
         assert sample["seed"] == 0 and sample["drawn"] == LIMIT and len(sample["ids"]) == LIMIT
     assert len({i.rsplit("-", 1)[0] for i in doc["samples"]["arabic-mmlu"]["ids"]}) == LIMIT  # 8 subjects
+    assert set(doc["backends"].values()) == {"transformers (batched)"}  # useVllm not asked
     md = (report / "summary.md").read_text(encoding="utf-8")
     assert f"| acva | {method} |" in md and "mostly forced verdicts" in md and "1 إلى 10" in md
     assert doc["samples"]["exams"]["ids"][0] in md
+
+
+def test_vllm_only_where_it_can_run() -> None:
+    from dhad_trainer.evaluation.runner import vllm_available
+
+    assert eval_stage.generation_backend(False, "cuda:0") == ("transformers", "transformers (batched)")
+    assert eval_stage.generation_backend(True, "cpu") == ("transformers", "transformers (batched; useVllm asked for vLLM: no GPU)")
+    backend, note = eval_stage.generation_backend(True, "cuda:0")
+    assert backend == ("vllm" if vllm_available() else "transformers")
+    assert note == "vllm" or "vLLM is not installed or no GPU is visible" in note
 
 
 def test_other_ranks_do_not_evaluate(tmp_path: Path) -> None:
