@@ -4,6 +4,8 @@ exactly from known scores, unparseable scores counted (never guessed), and reque
 from __future__ import annotations
 
 import re
+import time
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +137,36 @@ def test_mostly_forced_pairwise_verdicts_are_flagged_not_headlined() -> None:
     assert r.metrics["wins"] == 3 and r.metrics["score"] == 1.0  # what the demo used to headline
     assert r.metrics["forced"] == 6 and r.flag == "mostly forced verdicts (6 of 6)"
     assert headline_scores([r]) == {}
+
+
+BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "benchmarks" / "acegpt"
+
+
+@pytest.mark.skipif(not BENCH.is_dir(), reason=f"benchmark files not found at {BENCH}")
+def test_endpoint_judging_overlaps_the_next_suites_generation(tmp_path: Path) -> None:
+    """While the model answers AlpacaEval, the endpoint judge is still scoring Vicuna's answers."""
+    from dhad_trainer.evaluation.job import EvalSettings, run_eval
+    from dhad_trainer.evaluation.loaders import load_suite
+
+    with OpenAIServer(api_key=None, latency_s=1.0, script=lambda body, n: Reply(content="7 7\nمتكافئتان")) as srv:
+
+        class Runner:
+            calls, judging_meanwhile = 0, False
+
+            def generate(self, prompts, max_new_tokens):
+                self.calls += 1
+                if self.calls == 2:  # AlpacaEval: are Vicuna's judgements in flight now?
+                    deadline = time.monotonic() + 5
+                    while time.monotonic() < deadline and not self.judging_meanwhile:
+                        self.judging_meanwhile = srv.in_flight > 0
+                        time.sleep(0.02)
+                return ["إجابة"] * len(prompts)
+
+        runner = Runner()
+        suites = ("vicuna-80", "alpaca-eval")
+        refs = {s: {i.id: "مرجع" for i in load_suite(s, BENCH, limit=2)} for s in suites}
+        judge = EndpointScoreJudge(EndpointConfig(base_url=srv.base_url, model="j", max_concurrency=4), max_attempts=1)
+        settings = EvalSettings(source=str(BENCH), suites=suites, limit=2, runs=1, open_metrics=("judge-scores",))
+        headline = run_eval(settings, runner, tmp_path, score_judge=judge, references=refs)
+    assert runner.judging_meanwhile
+    assert headline == {"vicuna-80/judge-scores": 1.0, "alpaca-eval/judge-scores": 1.0}
