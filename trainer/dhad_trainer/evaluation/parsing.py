@@ -22,8 +22,8 @@ Yes/no (ACVA):
 
 Letters (MMLU, EXAMS):
 - A mention of an option is a one-character token: Latin A-D (upper case; lower case only as a label
-  such as "(c)"), or Arabic أ/ب/ج/د, with bare alef ا and إ/آ read as أ (models drop the hamza and a
-  lone alef has no other use as a token).
+  such as "(c)" or as the first token followed by "." or ":", "c. ..."), or Arabic أ/ب/ج/د, with bare
+  alef ا and إ/آ read as أ (models drop the hamza and a lone alef has no other use as a token).
 - A mention is *eligible* when it is the first content token of the line ("B", "ب. اثنان",
   "الإجابة: ب"), when it directly follows an answer marker (الإجابة, الجواب, هي, هو, أنها, answer,
   is ...: "الإجابة الصحيحة هي د", "The answer is C"), or when it is written as a label: "(ب)",
