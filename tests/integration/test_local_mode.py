@@ -75,6 +75,8 @@ def test_dhad_run_evaluates_a_model_beside_a_compared_one(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     status = json.loads(done.stdout[done.stdout.index("{"):])
     assert status["state"] == "Succeeded"
-    assert set(status["scores"]) == {"exams/loglikelihood", "base:exams/loglikelihood"}
-    log = (tmp_path / "run" / "jobs" / "evaljob-tiny-eval" / "eval-1-0.log").read_text()
+    logs = tmp_path / "run" / "jobs" / "evaljob-tiny-eval"
+    final = json.loads((logs / "eval-progress.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    assert set(final["scores"]) == {"exams/loglikelihood", "base:exams/loglikelihood"}  # what status.scores gets
+    log = (logs / "eval-1-0.log").read_text()
     assert "evaluating s3://dhad-demo/models/aligned, base on exams" in log
