@@ -175,6 +175,7 @@ class Resolved(DhadModel):
     judge_model_uri: str | None = Field(None, description="judgeModelUri is the judge's model after fromJob.")
     reward_model_uri: str | None = Field(None, description="rewardModelUri is policy.rewardModel after fromJob.")
     teacher_model_uri: str | None = Field(None, description="teacherModelUri is respond.teacher.model after fromJob.")
+    compare_model_uris: dict[str, str] = Field(default_factory=dict, description="compareModelUris are evaluation.compare's models after fromJob, by name.")
     output_root: str | None = Field(None, description="outputRoot is s3://bucket/prefix/namespace/name-uid.")
 
 

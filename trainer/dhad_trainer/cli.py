@@ -70,28 +70,50 @@ def write_crds(args: argparse.Namespace) -> int:
     return crd.main(["crd", args.output] if args.output else ["crd"])
 
 
+def _models(values: list[str]) -> tuple[str, dict[str, str]]:
+    """--model DIR [--model NAME=DIR ...]: the first is the model evaluated, the others compared with it."""
+    first, *others = values
+    compare = {}
+    for value in others:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value).name.lower(), value
+        compare[name] = str(Path(path).resolve())
+    return first.partition("=")[2] or first, compare
+
+
 @command("eval")
 def evaluate(args: argparse.Namespace) -> int:
+    if args.eval_command == "score":
+        return score_outputs(args)
     from pydantic import ValidationError
 
     from dhad_api.stages import Evaluation
     from dhad_trainer.stages.eval import evaluate as run_evaluation
 
+    if not args.model:
+        raise SystemExit("dhad eval: --model is required (or use dhad eval score)")
     settings: dict = {}
     if args.file:
         doc = load_manifest(args.file)
         if doc["kind"] != "EvalJob":
             raise SystemExit(f"dhad eval: {args.file} is a {doc['kind']}, expected an EvalJob")
         settings = dict(doc["spec"].get("evaluation") or {})
+    model, compare = _models(args.model)
     overrides = {
         "suites": args.suites.split(",") if args.suites else None,
         "method": args.method,
         "shots": args.shots,
         "limit": args.limit,
+        "limitPer": args.limit_per,
+        "seed": args.seed,
+        "runs": args.runs,
         "batchSize": args.batch_size,
         "benchmarks": args.benchmarks,
         "referenceAnswers": args.references,
         "excludeDuplicates": True if args.exclude_duplicates else None,
+        "useVllm": True if args.use_vllm else None,
+        "compare": [{"name": n, "model": {"uri": p}} for n, p in compare.items()] or None,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     settings.setdefault("suites", ["acva", "arabic-mmlu", "exams"])
@@ -102,10 +124,12 @@ def evaluate(args: argparse.Namespace) -> int:
         ev = Evaluation.model_validate(settings)
         scores = run_evaluation(
             ev,
-            args.model,
+            model,
             args.output / "report",
             work_dir=args.output / "work",
             max_new_tokens_open=args.max_new_tokens,
+            compare_dirs=compare,
+            model_name=Path(model).name,
         )
     except (ValidationError, ValueError, FileNotFoundError) as error:
         raise SystemExit(f"dhad eval: {error}") from None
@@ -113,6 +137,34 @@ def evaluate(args: argparse.Namespace) -> int:
     for key, value in scores.items():
         print(f"{key:<{width}}  {value:.4f}")
     print(f"report: {args.output / 'report' / 'summary.md'}")
+    return 0
+
+
+def score_outputs(args: argparse.Namespace) -> int:
+    """`dhad eval score`: another harness's outputs, parsed and scored with Dhad's rules."""
+    from dhad_trainer.evaluation.external import score_outputs as score
+    from dhad_trainer.evaluation.report import write_report
+
+    try:
+        result = score(args.suite, args.outputs, args.benchmarks)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"dhad eval score: {error}") from None
+    m, o = result.metrics, result.metrics["outputs"]
+    report = args.output / "report"
+    write_report({args.outputs.stem: [result]}, report)
+    (report / "disagreements.jsonl").write_text(
+        "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in o["disagreements"]), encoding="utf-8"
+    )
+    ci = m.get("ci95") or [0.0, 0.0]
+    print(f"{args.suite}: {m['headline_metric']} {m['headline']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] on {o['scored']} items "
+          f"({o['missing']} without a record; skipped: {o['skipped'] or 'none'})")
+    reasons = ", ".join(f"{k} {v}" for k, v in m["unparsed_reasons"].items()) or "none"
+    print(f"unparseable: {m['unparsed']} ({reasons})")
+    if o["with_their_prediction"]:
+        theirs = o["their_accuracy"]
+        print(f"their parser: agrees on {o['agree']} of {o['with_their_prediction']}, accuracy by their labels "
+              f"{theirs:.4f}; disagreements: {report / 'disagreements.jsonl'}")
+    print(f"report: {report / 'summary.md'}")
     return 0
 
 
@@ -207,6 +259,7 @@ def eval_references(args: argparse.Namespace) -> int:
         args.output,
         suites=args.suites.split(","),
         limit=args.limit,
+        seed=args.seed,
         max_new_tokens=args.max_new_tokens or open_answer_tokens(runner),
         model=Path(args.model).name,
     )
@@ -216,20 +269,31 @@ def eval_references(args: argparse.Namespace) -> int:
 
 
 def _eval_parsers(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on the AceGPT Arabic suites and write a report")
+    p = sub.add_parser("eval", help="evaluate models on the AceGPT Arabic suites and write a report; "
+                                    "'dhad eval score' scores outputs made elsewhere")
     p.add_argument("-f", "--file", type=Path, help="EvalJob manifest: its spec.evaluation, overridden by flags")
-    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--model", action="append", help="model folder; repeat as NAME=DIR to compare models side by side")
     p.add_argument("--suites", help="comma-separated: acva,arabic-mmlu,exams,vicuna-80,alpaca-eval")
     p.add_argument("--method", choices=["generate", "loglikelihood"])
     p.add_argument("--shots", type=int, help="dev examples per MC prompt (ACVA stays zero-shot)")
-    p.add_argument("--limit", type=int, help="items per suite, in file order")
+    p.add_argument("--limit", type=int, help="items per suite: a seeded sample stratified by subject")
+    p.add_argument("--limit-per", choices=["total", "subject"], help="total (proportional) or subject (equal counts)")
+    p.add_argument("--seed", type=int, help="the sample's and the intervals' seed")
+    p.add_argument("--runs", type=int, help="judge-scores runs (AceGPT: 3)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--benchmarks", help="folder, s3:// prefix or hf:// with the benchmark files")
     p.add_argument("--references", help="folder of <suite>.jsonl reference answers (open-ended suites)")
     p.add_argument("--judge-model", help="local judge model folder (open-ended suites)")
     p.add_argument("--max-new-tokens", type=int, help="open-ended answer length; default min(512, context/2)")
     p.add_argument("--exclude-duplicates", action="store_true", help="also score without duplicate questions")
+    p.add_argument("--use-vllm", action="store_true", help="generate with vLLM (GPU, when installed)")
     p.add_argument("--output", type=Path, default=Path("out/eval"))
+    verbs = p.add_subparsers(dest="eval_command")
+    s = verbs.add_parser("score", help="score model outputs produced elsewhere with Dhad's parsing and metrics")
+    s.add_argument("--suite", required=True, choices=["acva", "arabic-mmlu", "exams"])
+    s.add_argument("--outputs", required=True, type=Path, help='jsonl: {"id", "response"[, "prediction"]} per item')
+    s.add_argument("--benchmarks", required=True, help="folder with the benchmark files")
+    s.add_argument("--output", type=Path, default=Path("out/eval-score"))
     p = sub.add_parser("duplicates", help="count exact and near-duplicate questions in a suite")
     p.add_argument("--suite", required=True)
     p.add_argument("--benchmarks", required=True)
@@ -242,7 +306,8 @@ def _eval_parsers(sub) -> None:
     p.add_argument("--benchmarks", required=True)
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--suites", default="vicuna-80,alpaca-eval")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=int, help="answer the sample an evaluation with this limit and --seed draws")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int)
 

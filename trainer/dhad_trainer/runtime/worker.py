@@ -126,6 +126,8 @@ def stage_inputs(job, spec: JobSpec, stage: str, root: str) -> dict[str, str]:
         inputs["tokenizer"] = spec.model.tokenizer
     if stage in ("feedback", "eval") and resolved.judge_model_uri:
         inputs["judge"] = resolved.judge_model_uri
+    if stage == "eval":  # evaluation.compare: more models scored beside the job's own
+        inputs.update({f"compare-{name}": uri for name, uri in resolved.compare_model_uris.items()})
     if stage == "respond" and resolved.teacher_model_uri:
         inputs["teacher"] = resolved.teacher_model_uri
     if stage in ("reward", "policy"):
