@@ -20,6 +20,7 @@ from dhad_api.common import (
     Storage,
 )
 from dhad_api.data_prep import DataPrepSpec
+from dhad_api.outputs import Output, Tracking
 from dhad_api.stages import (
     Evaluation,
     Feedback,
@@ -63,6 +64,8 @@ class JobSpec(RuledModel):
     image: Annotated[str, StringConstraints(pattern=IMAGE, max_length=512)] | None = Field(None, description="image is the trainer image. Empty means the operator's default.")
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="env is extra environment for the trainer. Default none.")
     pod_template: PodOverrides = Field(default_factory=PodOverrides, description="podTemplate holds pod overrides for platform teams. Default none.")
+    tracking: Tracking = Field(default_factory=Tracking, description="tracking adds MLflow or Weights & Biases to the TensorBoard event files every training sub-stage writes under the job's S3 root. Default TensorBoard only.")
+    output: Output = Field(default_factory=Output, description="output sets the final model card's license and an optional Hugging Face Hub push. Default no push.")
 
     rules = (
         Rule("self.env.all(x, self.env.exists_one(y, y.name == x.name))", "env: names must be unique",
@@ -118,6 +121,11 @@ class EvalJobSpec(JobSpec):
     """Evaluation on the Arabic benchmarks."""
 
     evaluation: Evaluation = Field(description="evaluation picks suites and scoring. Required.")
+
+    rules = JobSpec.rules + (
+        Rule("!has(self.output) || !has(self.output.hub)", "output.hub: an EvalJob has no model to push; its scores go into the evaluated model's card beside the report",
+             lambda s: s.output.hub is None, ".output.hub"),
+    )
 
 
 class ObjectMeta(DhadModel):

@@ -120,6 +120,12 @@ BAD = [
     ("vocab-negative", "pretrain", {"spec.vocabulary.newTokens": -5}, "spec.vocabulary.newTokens"),
     ("tokens-and-steps", "pretrain", {"spec.training.maxTokens": 1000000}, "at most one of maxTokens, maxSteps and epochs"),
     ("no-sources", "pretrain", {"spec.data.sources": []}, "spec.data.sources"),
+    ("tracking-uri-not-url", "sft", {"spec.tracking.mlflow": {"trackingUri": "mlflow.local:5000"}}, "spec.tracking.mlflow.trackingUri"),
+    ("wandb-without-project", "sft", {"spec.tracking.wandb": {"entity": "team"}}, "spec.tracking.wandb.project"),
+    ("hub-repo-without-org", "sft", {"spec.output.hub": {"repoId": "model", "tokenSecretRef": {"name": "hf", "key": "token"}}}, "spec.output.hub.repoId"),
+    ("hub-without-token", "sft", {"spec.output.hub": {"repoId": "org/model"}}, "spec.output.hub.tokenSecretRef"),
+    ("license-with-spaces", "sft", {"spec.output.license": "Apache 2.0"}, "spec.output.license"),
+    ("eval-pushes-to-hub", "eval", {"spec.output.hub": {"repoId": "org/m", "tokenSecretRef": {"name": "hf", "key": "token"}}}, "an EvalJob has no model to push"),
 ]
 
 
