@@ -120,7 +120,22 @@ class TensorBoardSync(TrainerCallback):
         self.sync()  # the writer closes in the same event; finish() uploads the closed file
 
     def finish(self) -> None:
+        end_runs()
         self.sync(wait=True)
+
+
+def end_runs() -> None:
+    """Flushes and closes the W&B and MLflow runs the integrations opened (a failing worker exits
+    with os._exit, past their atexit hooks)."""
+    import sys
+
+    try:
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()
+        if "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:
+            sys.modules["mlflow"].end_run()
+    except Exception as error:  # noqa: BLE001 - tracking never fails training
+        log.warning("closing the tracking runs failed: %s", error)
 
 
 class RLAIFAliases(TrainerCallback):
