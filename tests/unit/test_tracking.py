@@ -134,3 +134,31 @@ def test_rlaif_aliases_run_before_the_integrations():
     tracking.rlaif_aliases(trainer)
     order = [type(c) for c in trainer.callback_handler.callbacks]
     assert order.index(tracking.RLAIFAliases) < order.index(TensorBoardCallback)
+
+
+def test_stage_metrics_become_scalars_and_the_folder_is_copied_as_it_grows(tmp_path, monkeypatch):
+    """A stage without a Trainer (feedback) logs its numbers; TensorBoardSync copies only what changed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dhad_trainer.storage.local import LocalStore
+
+    logdir, remote = tmp_path / "tb", tmp_path / "bucket" / "tensorboard" / "feedback"
+    logdir.mkdir()
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))
+    sync = tracking.TensorBoardSync(LocalStore(), logdir, str(remote), every_seconds=0)
+    tracking.log_scalars({"chosen_length_chars": 41.5, "agreement_rate": 0.75, "prompt_sources": [{"n": 3}],
+                          "judged": True}, 0, "feedback/final")
+    sync.finish()
+    copied = sorted(p.name for p in remote.iterdir())
+    assert copied == sorted(p.name for p in logdir.iterdir()) and len(copied) == 1
+    events = EventAccumulator(str(remote))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"feedback/final/chosen_length_chars", "feedback/final/agreement_rate"}
+    assert events.Scalars("feedback/final/chosen_length_chars")[0].value == 41.5
+    uploads = []
+    monkeypatch.setattr(sync, "_upload", lambda paths: uploads.append([p.name for p in paths]))
+    sync.sync(wait=True)
+    assert uploads == []  # nothing changed, nothing sent
+    tracking.log_scalars({"agreement_rate": 0.8}, 1, "feedback/final")
+    sync.sync(wait=True)
+    assert len(uploads) == 1 and len(uploads[0]) == 1 and uploads[0][0] not in copied
