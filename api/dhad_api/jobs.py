@@ -51,7 +51,7 @@ class JobSpec(RuledModel):
     restart_policy: RestartPolicy = Field(default_factory=RestartPolicy, description="restartPolicy bounds gang restarts. Default 3 restarts, 10 s backoff doubling.")
     suspend: bool = Field(False, description="suspend stops the running pods and keeps checkpoints; false again resumes. The only field that may change after creation. Default false.")
     queue_name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63)] | None = Field(
-        None, description="queueName is the Kueue LocalQueue; Jobs are created suspended with the kueue.x-k8s.io/queue-name label. Empty means no queueing."
+        None, description="queueName is an alias of the job label kueue.x-k8s.io/queue-name (the documented way, which wins when both are set): the Kueue LocalQueue the sub-stages' Jobs are queued in, created suspended. Empty means the label, else no queueing."
     )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, le=31_536_000,

@@ -77,17 +77,20 @@ def queried_metrics(helm_bin, tmp_path) -> set[str]:
 
 
 def test_dashboard_and_alerts_query_only_exported_metrics(helm_bin, tmp_path):
+    from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
     from dhad_operator import metrics
 
-    metrics.JOB_METRICS.observe("SFTJob", "team", "tiny", {"state": "Running", "restarts": 1, "stage": "sft",
-                                                           "progress": {"step": 3, "totalSteps": 10, "loss": 1.5,
-                                                                        "tokensPerSecond": 100.0, "etaSeconds": 60,
-                                                                        "updatedAt": "2026-12-01T12:00:00Z"}})
+    metrics.JOB_STATES.set("SFTJob", "team", "tiny", "Running", {
+        "restarts": 1, "stage": "sft", "attemptStartTime": "2026-12-01T11:00:00Z",
+        "progress": {"step": 3, "totalSteps": 10, "loss": 1.5, "tokensPerSecond": 100.0, "etaSeconds": 60,
+                     "updatedAt": "2026-12-01T12:00:00Z"}})
     metrics.RECONCILE_SECONDS.labels("SFTJob").observe(0.01)
     metrics.ERRORS.labels("SFTJob")
-    text = metrics.exposition().decode()
-    metrics.JOB_METRICS.forget("SFTJob", "team", "tiny")
+    text = generate_latest(metrics.REGISTRY).decode()
+    metrics.JOB_STATES.set("SFTJob", "team", "tiny", None)
     exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     assert queried_metrics(helm_bin, tmp_path) <= exported, queried_metrics(helm_bin, tmp_path) - exported
+    after = {s.name for f in text_string_to_metric_families(generate_latest(metrics.REGISTRY).decode()) for s in f.samples}
+    assert not {n for n in after if n.startswith("dhad_job_")}  # a deleted job leaves no series
