@@ -1,6 +1,7 @@
 """`dhad run` as TRL users expect: a GPU manifest run on CPU with --set, the stage log streamed under a
 progress bar, the final model downloaded with --output, TensorBoard events in the job's S3 root with
-the loss of every step, and the model with its card pushed by output.hub to a local Hub stand-in."""
+the loss of every step, and the model with its card pushed by output.hub to a local Hub stand-in.
+DHAD_RECORD_CARD=path copies the card there (docs/model-card-sample.md is one)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def test_gpu_manifest_runs_with_set_and_output_and_pushes_to_the_hub(tmp_path, s
     assert status["state"] == "Succeeded" and status["outputModel"].endswith("/sft/model")
     model = out / "model"
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in model.iterdir()}
+    if os.environ.get("DHAD_RECORD_CARD"):  # docs/model-card-sample.md is this card
+        Path(os.environ["DHAD_RECORD_CARD"]).write_text((model / "README.md").read_text())
     local_card = ModelCard.load(model / "README.md")
     assert local_card.data.license == "llama2" and local_card.data.base_model == "meta-llama/Llama-2-7b-hf"
     assert local_card.data.language == ["ar"] and local_card.data.dhad["lineage"][0]["stage"] == "sft"
