@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from dhad_api.jobs import API_VERSION, KINDS, JobSpec, KindInfo, RLAIFJobSpec, SFTJobSpec
 from dhad_api.naming import config_map_name, job_name, master_address, service_name
+from dhad_api.outputs import secret_env_refs
 from dhad_api.queueing import QUEUE_NAME_LABEL, kueue_labels
 from dhad_api.reasons import NAMESPACE_ENV, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
 
@@ -136,6 +137,8 @@ def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int) -> list[d
     for var, endpoint in _endpoints(spec):
         if endpoint.api_key_secret_ref:
             env.append(_secret_env(var, endpoint.api_key_secret_ref))
+    for var, ref in secret_env_refs(spec.tracking, spec.output):  # W&B, MLflow and Hub tokens
+        env.append(_secret_env(var, ref))
     for var in spec.env:
         env.append({"name": var.name, "value": var.value} if var.value is not None
                    else {"name": var.name, "valueFrom": {"secretKeyRef": var.value_from.secret_key_ref.model_dump()}})

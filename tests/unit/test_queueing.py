@@ -34,3 +34,20 @@ def test_a_priority_class_alone_does_not_queue_and_other_labels_stay_out():
     assert job["spec"]["suspend"] is False and QUEUE_NAME_LABEL not in job["metadata"]["labels"]
     assert job["metadata"]["labels"][PRIORITY_CLASS_LABEL] == "research-high" and "team" not in job["metadata"]["labels"]
     assert kueue_labels(None) == {} and kueue_labels({}, "q") == {QUEUE_NAME_LABEL: "q"}
+
+
+def test_tracking_and_hub_credentials_reach_the_pods_only_by_secret_reference():
+    import json
+
+    from dhad_api.common import RESERVED_ENV
+
+    obj = job_obj(tracking={"mlflow": {"trackingUri": "https://mlflow.ml:5000", "tokenSecretRef": {"name": "mlflow", "key": "t"}},
+                            "wandb": {"project": "acegpt", "apiKeySecretRef": {"name": "wandb", "key": "api-key"}}},
+                  output={"hub": {"repoId": "org/m", "tokenSecretRef": {"name": "hf-write", "key": "token"}}})
+    plan = decide_at(obj)
+    env = {e["name"]: e for e in plan.create[-1]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    expected = {"WANDB_API_KEY": ("wandb", "api-key"), "MLFLOW_TRACKING_TOKEN": ("mlflow", "t"), "DHAD_HUB_TOKEN": ("hf-write", "token")}
+    for name, (secret, key) in expected.items():
+        assert env[name] == {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        assert name in RESERVED_ENV
+    assert "value" not in json.dumps([env[n] for n in expected])
