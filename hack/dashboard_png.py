@@ -261,8 +261,8 @@ def render(recording: Path, out: Path, dashboard: Path = DASHBOARD) -> dict[str,
     start = rec.scrapes[0][0]
     panels = board["panels"]
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
-    fig = plt.figure(figsize=(18, rows * 0.55), facecolor="#111217")
-    grid = fig.add_gridspec(rows, 24, hspace=1.2, wspace=1.6)
+    fig = plt.figure(figsize=(18, rows * 0.6), facecolor="#111217")
+    grid = fig.add_gridspec(rows, 24, hspace=3.0, wspace=2.0, left=0.04, right=0.99)
     drawn: dict[str, int] = {}
     for panel in panels:
         g = panel["gridPos"]
