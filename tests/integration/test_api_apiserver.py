@@ -149,6 +149,12 @@ BAD = [
     ("vocab-warmup-deepspeed", "pretrain", {"spec.vocabulary.warmupSteps": 5, "spec.distributed": {"strategy": "deepspeed"}},
      "vocabulary.warmupSteps needs distributed.strategy ddp"),
     ("vocab-warmup-no-tokens", "pretrain", {"spec.vocabulary": {"warmupSteps": 5}}, "vocabulary.warmupSteps needs vocabulary.newTokens"),
+    ("tracking-uri-not-url", "sft", {"spec.tracking.mlflow": {"trackingUri": "mlflow.local:5000"}}, "spec.tracking.mlflow.trackingUri"),
+    ("wandb-without-project", "sft", {"spec.tracking.wandb": {"entity": "team"}}, "spec.tracking.wandb.project"),
+    ("hub-repo-without-org", "sft", {"spec.output.hub": {"repoId": "model", "tokenSecretRef": {"name": "hf", "key": "token"}}}, "spec.output.hub.repoId"),
+    ("hub-without-token", "sft", {"spec.output.hub": {"repoId": "org/model"}}, "spec.output.hub.tokenSecretRef"),
+    ("license-with-spaces", "sft", {"spec.output.license": "Apache 2.0"}, "spec.output.license"),
+    ("eval-pushes-to-hub", "eval", {"spec.output.hub": {"repoId": "org/m", "tokenSecretRef": {"name": "hf", "key": "token"}}}, "an EvalJob has no model to push"),
 ]
 
 

@@ -312,9 +312,25 @@ def _eval_parsers(sub) -> None:
     p.add_argument("--max-new-tokens", type=int)
 
 
+class _Version(argparse.Action):
+    """`dhad --version`: the package version and the code commit, computed only when asked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the dhad version and commit, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from dhad_trainer.local.versions import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="dhad", description="Localize LLMs to Arabic: pre-train, SFT, RLAIF, evaluate.")
+    top.add_argument("--version", action=_Version)
     sub = top.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("env", help="versions of dhad, torch, transformers, TRL, DeepSpeed, CUDA and the accelerator seen (for bug reports)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of aligned lines")
     p = sub.add_parser("init-model", help="write a tiny random Llama + Arabic BPE tokenizer (tests and demo)")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--kind", choices=["causal-lm", "reward"], default="causal-lm")
@@ -336,6 +352,13 @@ def parser() -> argparse.ArgumentParser:
                    help="embedded: start a SeaweedFS S3 server for the run; env: use AWS_* from the environment")
     p.add_argument("--put", action="append", default=[], metavar="LOCAL=s3://bucket/key",
                    help="upload a local file or folder into the store before running")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a spec field in every manifest, e.g. --set resources.gpusPerNode=0 --set "
+                        "training.maxSteps=5 (VALUE is YAML; null removes the field; list items by index: data.0.uri)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="where each job's final model, report and TensorBoard events are downloaded when it ends "
+                        "(default ./dhad-output/<job>; with several manifests, DIR/<job>)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no streamed stage logs")
     p = sub.add_parser("plan", help="per-GPU memory, tokens per step and time per step of a manifest, as the operator checks it")
     p.add_argument("-f", "--file", required=True, type=Path, help="job manifest (fromJob is read from manifests beside it)")
     p.add_argument("--gpu-memory", help="one GPU's memory, for example 80Gi (default: plan.gpuMemory or the nodeSelector's product)")
@@ -349,13 +372,20 @@ def parser() -> argparse.ArgumentParser:
 @command("run")
 def run_manifests(args: argparse.Namespace) -> int:
     """Local mode: each manifest in order, fromJob resolved from the ones before it."""
-    from dhad_trainer.local.run import LocalRunError, Session, run_job
+    from pydantic import ValidationError
 
-    docs = [load_manifest(path) for path in args.file]
+    from dhad_api.jobs import parse_spec
+    from dhad_api.layout import split_s3
+    from dhad_trainer.local.run import LocalRunError, Session, apply_overrides, download_outputs, run_job
+
+    say = (lambda *a, **k: None) if args.quiet else print
     workdir = Path(args.workdir).resolve()
     embedded = None
     env: dict[str, str] = {}
     try:
+        docs = [apply_overrides(load_manifest(path), args.overrides) for path in args.file]
+        for doc in docs:  # before anything starts: a bad --set fails in a second, naming the field
+            parse_spec(doc["kind"], doc["spec"])
         if args.store == "embedded":
             from dhad_trainer.storage.embedded_s3 import EmbeddedS3
             from dhad_trainer.storage.routing import open_store
@@ -363,24 +393,47 @@ def run_manifests(args: argparse.Namespace) -> int:
             embedded = EmbeddedS3(workdir / "s3").start()
             env = embedded.env()
             os.environ.update(env)
-            for doc in docs:
-                embedded.ensure_bucket(doc["spec"]["storage"]["bucket"])
-            for item in args.put:
-                source, _, target = item.partition("=")
-                store = open_store(target)
-                (store.upload_dir(source, target) if Path(source).is_dir() else store.upload_file(Path(source), target))
-            print(f"embedded S3 at {embedded.url} (data in {workdir / 's3'})")
-        session = Session(workdir, env)
+            for bucket in {doc["spec"]["storage"]["bucket"] for doc in docs} | {split_s3(p.partition("=")[2])[0] for p in args.put}:
+                embedded.ensure_bucket(bucket)
+            say(f"embedded S3 at {embedded.url} (data in {workdir / 's3'})")
+        for item in args.put:
+            from dhad_trainer.storage.routing import open_store
+
+            source, _, target = item.partition("=")
+            store = open_store(target)
+            (store.upload_dir(source, target) if Path(source).is_dir() else store.upload_file(Path(source), target))
+        session = Session(workdir, env, show_progress=not args.quiet)
         for doc in docs:
-            print(f"== {doc['kind']} {doc['metadata']['name']}", flush=True)
+            name = doc["metadata"]["name"]
+            say(f"== {doc['kind']} {name}", flush=True)
             status = run_job(doc, session)
-            print(json.dumps(status, indent=2, ensure_ascii=False))
+            dest = (args.output / name if len(docs) > 1 else args.output) if args.output else Path("dhad-output") / name
+            written = download_outputs(status, doc["kind"], dest)
+            print(json.dumps({**status, "downloaded": written}, indent=2, ensure_ascii=False))
+    except ValidationError as error:
+        first = error.errors()[0]
+        print(f"dhad run: invalid spec: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}", file=sys.stderr)
+        return 2
     except LocalRunError as error:
         print(f"dhad run: {error}", file=sys.stderr)
         return 1
     finally:
         if embedded:
             embedded.stop()
+    return 0
+
+
+@command("env")
+def environment(args: argparse.Namespace) -> int:
+    from dhad_trainer.local.versions import environment_report
+
+    report = environment_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        width = max(len(k) for k in report)
+        for key, value in report.items():
+            print(f"{key:<{width}}  {value}")
     return 0
 
 
