@@ -152,7 +152,7 @@ class ScoreCondition(RuledModel):
 
     score: ScoreKey = Field(
         description="score is the status.scores key the gate's evaluation produces, <suite>/<method> (for example "
-        "acva/generate, arabic-mmlu/loglikelihood, vicuna-80/generate+judge). Required."
+        "acva/generate, arabic-mmlu/loglikelihood, vicuna-80/judge-scores). Required."
     )
     at_least: float | None = Field(None, description="atLeast is the lowest passing score (scores are fractions: 0.6 is 60%). Empty means no floor.")
     at_most: float | None = Field(None, description="atMost is the highest passing score. Empty means no ceiling.")

@@ -10,26 +10,26 @@ from __future__ import annotations
 
 from dhad_api.stages import Evaluation, Suite
 
-OPEN_SUITES = (Suite.VICUNA_80, Suite.ALPACA_EVAL)  # answers are judged against a reference system
-OPEN_METHOD = "generate+judge"  # the method of every open-ended figure
+OPEN_SUITES = (Suite.VICUNA_80, Suite.ALPACA_EVAL)  # answers are judged against a reference system's
 
 
 def score_key(suite: str, method: str) -> str:
-    """ "<suite>/<method>": a generation score and a log-likelihood score of one suite are different numbers."""
+    """ "<suite>/<method>": a generation score, a log-likelihood score and a judged figure are different numbers."""
     return f"{suite}/{method}"
 
 
 def produced_scores(evaluation: Evaluation) -> list[str]:
-    """Every key these settings may put in status.scores, in suite order."""
+    """Every key these settings may put in status.scores for the evaluated model, in suite order (a judged
+    figure the report flags is left out of the scores, so "may")."""
     keys = []
     for suite in evaluation.suites:
-        method = OPEN_METHOD if suite in OPEN_SUITES else evaluation.method.value
-        keys.append(score_key(suite.value, method))
+        methods = [str(m) for m in evaluation.open_ended_metrics] if suite in OPEN_SUITES else [str(evaluation.method)]
+        keys += [score_key(str(suite), m) for m in methods]
     return keys
 
 
 def produced_cel(score: str, evaluation: str) -> str:
     """CEL that is true when the string expression `score` is a key the Evaluation at `evaluation` produces."""
     open_suites = [s.value for s in OPEN_SUITES]
-    return (f"{evaluation}.suites.exists(s, {score} == s + '/' + "
-            f"(s in {open_suites} ? '{OPEN_METHOD}' : {evaluation}.method))")
+    return (f"{evaluation}.suites.exists(s, s in {open_suites} ? {evaluation}.openEndedMetrics.exists(m, {score} == s + '/' + m)"
+            f" : {score} == s + '/' + {evaluation}.method)")

@@ -121,9 +121,11 @@ def test_a_rule_cel_cannot_see_is_a_failed_walk_naming_the_field():
     assert result.outcome.value == "Failed" and result.reason == "InvalidSpec" and not result.steps
 
 
-def test_produced_scores_follow_suites_and_method():
+def test_produced_scores_follow_suites_method_and_open_ended_metrics():
     ev = Evaluation(suites=["acva", "vicuna-80"], method="loglikelihood", judge={"model": {"uri": "/j"}}, reference_answers="/r")
-    assert produced_scores(ev) == ["acva/loglikelihood", "vicuna-80/generate+judge"]
+    assert produced_scores(ev) == ["acva/loglikelihood", "vicuna-80/judge-scores", "vicuna-80/judge-pairwise"]
+    one = ev.model_copy(update={"open_ended_metrics": ["judge-pairwise"]})
+    assert produced_scores(one) == ["acva/loglikelihood", "vicuna-80/judge-pairwise"]
 
 
 # ------------------------------------------------------------------------------------ cache keys

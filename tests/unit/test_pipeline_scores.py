@@ -4,6 +4,7 @@ waits for a score that cannot come."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from dhad_api.jobs import EvalJobSpec
@@ -30,4 +31,7 @@ def test_the_eval_stage_writes_exactly_the_keys_a_gate_may_name(tmp_path):
                        "judge": {"model": {"uri": str(model)}, "maxNewTokens": 1}},
     })
     result = eval_stage.run(StageRun(spec, "eval", model, tmp_path / "work", tmp_path / "out"))
-    assert set(result.metrics["scores"]) == set(produced_scores(spec.evaluation))
+    report = json.loads((tmp_path / "out" / "report" / "results.json").read_text(encoding="utf-8"))
+    # a judged figure the report flags (the tiny judge's verdicts are forced) is kept out of the scores, under the same key
+    assert set(result.metrics["scores"]) | set(report["flagged"]) == set(produced_scores(spec.evaluation))
+    assert {"acva/loglikelihood", "exams/loglikelihood"} <= set(result.metrics["scores"])

@@ -44,20 +44,12 @@ def spec_hash(job) -> str:
 
 
 def data_uris(spec) -> list[str]:
-    """Every dataset a typed spec reads, in spec order."""
-    uris: list[str] = []
-    data = getattr(spec, "data", None)
-    if data is not None and hasattr(data, "sources"):
-        uris += [s.uri for s in data.sources]
-    elif isinstance(data, list):
-        uris += [d.uri for d in data]
-    for part in (getattr(spec, "respond", None), getattr(spec, "feedback", None)):
-        if part is not None:
-            uris += [p.uri for p in part.prompts]
+    """Every dataset a typed spec reads (the card's list), and an evaluation's benchmark and reference files."""
+    from dhad_trainer.storage.models import dataset_uris
+
     evaluation = getattr(spec, "evaluation", None)
-    if evaluation is not None:
-        uris += [u for u in (evaluation.benchmarks, evaluation.reference_answers) if u]
-    return list(dict.fromkeys(uris))
+    extra = [u for u in (evaluation.benchmarks, evaluation.reference_answers) if u] if evaluation is not None else []
+    return list(dict.fromkeys(dataset_uris(spec) + extra))
 
 
 def read_lineage(model: str | Path, storage=None) -> dict | None:
