@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         LeaseLock(api, settings.lease_name, settings.lease_namespace, settings.identity, settings.lease_seconds).acquire()
     HEALTH.leading = True
     kube = Kube(api, on_request=lambda verb: metrics.API_REQUESTS.labels(verb).inc())
-    from dhad_operator import handlers
+    from dhad_operator import handlers, pipeline_handlers  # noqa: F401 (registers the Pipeline handlers)
 
     handlers.install(Controller(kube, settings.defaults, settings.resync_seconds))
     kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces)

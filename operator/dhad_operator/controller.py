@@ -9,8 +9,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from dhad_api.jobs import parse_spec
+from dhad_api.pipeline import KIND as PIPELINE_KIND
 from dhad_operator import metrics
 from dhad_operator.k8s import Kube
+from dhad_operator.pipeline_k8s import reconcile_pipeline
 from dhad_operator.reconcile import decide
 from dhad_operator.render import Defaults
 from dhad_operator.status import now_utc
@@ -52,6 +54,11 @@ class Controller:
 
     def _reconcile(self, key: Key) -> None:
         kind, namespace, name = key
+        if kind == PIPELINE_KIND:  # pipeline_k8s: its own observe/decide/execute
+            again = reconcile_pipeline(self.kube, namespace, name, self.defaults)
+            if again is not None:
+                self.requeue(key, min(again, self.resync_seconds))
+            return
         obj = self.kube.get(kind, namespace, name)  # fresh: an event body may predate our last status patch
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             metrics.JOB_STATES.set(kind, namespace, name, None)

@@ -27,9 +27,10 @@ OTHER = "some-team"  # a namespace the chart knows nothing about: "any namespace
 
 # The operator's permissions, exactly: (apiGroup, resource, verb); leases are in the release namespace.
 EXPECTED = (
-    {("dhad.dev", k, v) for k in KINDS for v in ("get", "list", "watch", "patch")}
-    | {("dhad.dev", f"{k}/status", v) for k in KINDS for v in ("get", "patch", "update")}
-    | {("dhad.dev", f"{k}/finalizers", "update") for k in KINDS}
+    {("dhad.dev", k, v) for k in (*KINDS, "pipelines") for v in ("get", "list", "watch", "patch")}
+    | {("dhad.dev", k, v) for k in KINDS for v in ("create", "delete")}  # a pipeline's stage jobs
+    | {("dhad.dev", f"{k}/status", v) for k in (*KINDS, "pipelines") for v in ("get", "patch", "update")}
+    | {("dhad.dev", f"{k}/finalizers", "update") for k in (*KINDS, "pipelines")}
     | {("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete")}
     | {("", "pods", v) for v in ("get", "list", "watch", "delete")}
     | {("", r, v) for r in ("services", "configmaps") for v in ("get", "list", "watch", "create", "delete", "patch")}
