@@ -156,7 +156,7 @@ def test_stages_run_in_order_then_a_changed_stage_reruns_with_those_after_it_and
         child_of(kube, namespace, "rlaif")), 60, "a new rlaif job")
     assert new_rlaif["spec"]["policy"]["training"]["maxSteps"] == 5
     wait_for(lambda: rlaif["metadata"]["name"] not in children(kube, namespace), 60, "the old rlaif job deleted")
-    run_child(kube, namespace, new_rlaif)
+    new_rlaif = run_child(kube, namespace, new_rlaif)
     run_child(kube, namespace, child_of(kube, namespace, "rlaif", "gate"), scores={"arabic-mmlu/loglikelihood": 0.31})
     run_child(kube, namespace, child_of(kube, namespace, "eval"), scores={"acva/loglikelihood": 0.55})
     again = wait_pipeline(kube, namespace, "Succeeded")
@@ -230,7 +230,7 @@ def test_a_failed_stage_is_retried_in_place_from_its_newest_checkpoint(kube, nam
 
 def test_a_rule_cel_cannot_check_fails_the_pipeline_naming_the_field(kube, namespace, dhad_operator):
     doc = manifest()
-    doc["spec"]["stages"][2]["rlaif"]["policy"]["training"]["microBatchSize"] = 3  # with defaults.resources: not divisible
+    doc["spec"]["stages"][2]["rlaif"]["policy"]["generationsPerPrompt"] = 7  # 8 GPUs (defaults.resources) x 1 x 1: not divisible
     apply_pipeline(kube, namespace, copy.deepcopy(doc))
     failed = wait_pipeline(kube, namespace, "Failed")
     condition = next(c for c in failed["conditions"] if c["type"] == "Failed")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,9 @@ def cli(*args, timeout=1500, env=ENV) -> subprocess.CompletedProcess:
 
 
 def status_of(done: subprocess.CompletedProcess) -> dict:
+    """The last, pretty-printed document of `dhad run`'s stdout: the pipeline's status."""
     out = done.stdout
-    return json.loads(out[out.index("\n{") + 1:])
+    return json.loads(out[re.search(r"^\{$(?![\s\S]*^\{$)", out, re.M).start():])
 
 
 def job_folders(workdir: Path) -> set[str]:
@@ -64,10 +66,10 @@ def test_the_demo_runs_the_recipe_as_one_pipeline_in_order(demo):
     assert (workdir / "final" / "report" / "summary.md").exists()
 
 
-def test_dhad_run_again_reuses_every_stage_and_runs_nothing(demo):
+def test_dhad_run_again_reuses_every_stage_and_runs_nothing(demo, tmp_path):
     workdir, _ = demo
     before = job_folders(workdir)
-    done = cli("run", "-f", PIPELINE, "--workdir", workdir)
+    done = cli("run", "-f", PIPELINE, "--workdir", workdir, "-o", tmp_path / "out")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     status = status_of(done)
     assert status["state"] == "Succeeded" and all(s["cached"] for s in status["stages"])
@@ -81,7 +83,7 @@ def test_a_gate_above_the_models_score_fails_from_cached_scores_and_promotes_not
     manifest = tmp_path / "strict.yaml"
     manifest.write_text(yaml.safe_dump(doc, allow_unicode=True))
     before = job_folders(workdir)
-    done = cli("run", "-f", manifest, "--workdir", workdir)
+    done = cli("run", "-f", manifest, "--workdir", workdir, "-o", tmp_path / "out")
     assert done.returncode == 1
     status = status_of(done)
     assert status["state"] == "Failed" and status["reason"] == "GateFailed" and "outputModel" not in status
@@ -96,7 +98,7 @@ def test_a_changed_stage_runs_again_and_only_it(demo, tmp_path):
     manifest = tmp_path / "changed.yaml"
     manifest.write_text(yaml.safe_dump(doc, allow_unicode=True))
     before = job_folders(workdir)
-    done = cli("run", "-f", manifest, "--workdir", workdir)
+    done = cli("run", "-f", manifest, "--workdir", workdir, "-o", tmp_path / "out")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     status = status_of(done)
     assert [s.get("cached", False) for s in status["stages"]] == [True, True, True, False]
