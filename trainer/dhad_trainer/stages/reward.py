@@ -17,6 +17,7 @@ from dhad_trainer.data.conversations import iter_records
 from dhad_trainer.stages.alignment import (
     HELD_OUT,
     INPUT_FEEDBACK,
+    STATS_FILE,
     TRAIN,
     chat_pairs,
     load_dtype,
@@ -75,6 +76,16 @@ def culture_pairs(run: StageRun, uri: str | None) -> list[dict]:
     return chat_pairs(rows)
 
 
+def forced_note(feedback: Path) -> str:
+    """Why a local judge's feedback may hold no pairs: its verdicts were forced and not asked for."""
+    stats_file = Path(feedback) / STATS_FILE
+    stats = json.loads(stats_file.read_text(encoding="utf-8")) if stats_file.is_file() else {}
+    if not stats.get("forced_pairs") or stats.get("forced_pairs_kept"):
+        return ""
+    return (f" ({stats['forced_pairs']} pairs were decided by forced likelihood verdicts of a judge that did not answer in "
+            "the format; feedback.useForcedVerdicts keeps them)")
+
+
 def run(run: StageRun) -> StageResult:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -84,7 +95,8 @@ def run(run: StageRun) -> StageResult:
     feedback = require_input(run, INPUT_FEEDBACK, "the reward stage")
     train_rows, held_out = read_pairs(feedback, TRAIN), read_pairs(feedback, HELD_OUT)
     if not train_rows:
-        raise ValueError(f"{feedback}: no train pairs; the feedback stage kept no pair both judge orders agreed on")
+        raise ValueError(f"{feedback}: no train pairs; the feedback stage kept no pair both judge orders agreed on"
+                         + forced_note(feedback))
     model, tokenizer = load_reward_model(run.model_dir, load_dtype(run))
     trainer = RewardTrainer(
         model=model,
