@@ -13,6 +13,9 @@ pytest.importorskip("transformers")
 
 from dhad_api.stages import Endpoint  # noqa: E402
 from dhad_trainer.llm.judges import FORCED, OK, REFUSED, UNPARSEABLE, EndpointJudge, endpoint_config  # noqa: E402
+from dhad_trainer.runtime.callbacks import ProgressCallback  # noqa: E402
+from dhad_trainer.runtime.distributed import Cluster  # noqa: E402
+from dhad_trainer.runtime.progress import FileSink, ProgressReporter  # noqa: E402
 from dhad_trainer.stages import feedback  # noqa: E402
 from dhad_trainer.stages.alignment import (  # noqa: E402
     HELD_OUT,
@@ -59,10 +62,12 @@ def endpoint_run(tmp_path_factory, server):
     spec = rlaif_spec(feedback={
         "prompts": [{"uri": str(prompts), "schema": "prompt-completion"}], "heldOutFraction": 0.5,
         "judge": {"endpoint": {"baseUrl": server.base_url, "model": "judge", "maxRetries": 0}, "maxAttempts": 2}})
-    run = stage_run(spec, "feedback", root, tiny_lm(), callbacks=[SaveRecorder()])
+    progress = ProgressReporter(FileSink(root / "progress.jsonl"), "feedback", interval=0)
+    run = stage_run(spec, "feedback", root, tiny_lm(), callbacks=[SaveRecorder(), ProgressCallback(progress, Cluster())])
     first = feedback.run(run)
     requests_after_first = len(server.bodies)
     second = feedback.run(run)
+    progress.close()
     return run, first.metrics, second.metrics, requests_after_first, len(server.bodies)
 
 
@@ -99,6 +104,14 @@ def test_stats_count_every_outcome_exactly(endpoint_run):
     # 2 calls per judged order for good/flip/tie pairs; garbage and refusals are asked twice (maxAttempts)
     assert stats["judge_calls"] == requests == 8 + 4 + 4 + 8 + 8
     assert stats["cached_hits"] == 0
+
+
+def test_judgement_counts_reach_progress(endpoint_run):
+    run = endpoint_run[0]
+    reports = [json.loads(line) for line in (run.work_dir.parent / "progress.jsonl").read_text().splitlines()]
+    figures = reports[-1]["figures"]
+    assert {k: figures[k] for k in ("judgements", "verdicts", "forcedVerdicts", "unparseable", "refused", "agreementRate")} \
+        == {"judgements": 24, "verdicts": 16, "forcedVerdicts": 0, "unparseable": 4, "refused": 4, "agreementRate": 0.75}
 
 
 def test_rerun_reuses_cached_samples_and_judgements(endpoint_run):

@@ -22,6 +22,7 @@ import json
 import logging
 from collections import Counter
 from itertools import combinations
+from types import SimpleNamespace
 
 from dhad_api.stages import Feedback, PairSelection
 from dhad_trainer.data.conversations import load_prompts
@@ -92,8 +93,18 @@ def run(run: StageRun) -> StageResult:
     metrics: dict = {}
     if run.is_main:
         metrics = write_outputs(run, entries, gathered, prompt_counts)
+        report_figures(run, checkpoints.step, metrics)
     barrier(run)
     return StageResult(metrics=metrics, model_dir=run.output_dir)  # the runtime uploads it: pairs for the next stages
+
+
+def report_figures(run: StageRun, step: int, metrics: dict) -> None:
+    """The judgement counts to the runtime's callbacks as a Trainer's on_log sends logs: progress shows them."""
+    from transformers import TrainerControl, TrainerState
+
+    args = SimpleNamespace(output_dir=str(run.trainer_dir), should_save=run.is_main)
+    for callback in run.callbacks:
+        callback.on_log(args, TrainerState(global_step=step), TrainerControl(), logs=dict(metrics))
 
 
 def agreed_max(run: StageRun, n: int) -> int:
@@ -264,4 +275,9 @@ def write_outputs(run: StageRun, entries: list[dict], gathered: list, prompt_cou
     metrics["prompt_sources"] = prompt_counts
     (out / STATS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
     log.info("feedback: %s", {k: v for k, v in metrics.items() if k != "prompt_sources"})
+    if total["forced"]:
+        log.warning("feedback: %d of %d judgements are forced likelihood verdicts, not the judge's answers (it wrote no "
+                    "verdict); they are left out of the agreement rate and %s", total["forced"], total["judgements"],
+                    "kept as pairs (feedback.useForcedVerdicts)" if run.spec.feedback.use_forced_verdicts
+                    else "of the pairs (feedback.useForcedVerdicts is false)")
     return metrics
