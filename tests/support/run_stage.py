@@ -1,7 +1,9 @@
 """Test entry point: what the runtime's worker does, minus S3. Launched by torchrun with a job.json listing
-steps (stage, spec kind and dict, model_dir, root, inputs); starts the gloo process group once, builds each
-StageRun from torchrun's env and calls `dhad_trainer.stages.<stage>.run` in order (several stages share
-one launch to save process start-up). Each rank writes root/result-rank<r>.json per step."""
+steps (stage, spec kind and dict, model_dir, root, inputs; optionally a DeepSpeed config and, for the policy
+stage, a reward function as "module:name"); starts the gloo process group once (and DeepSpeed's comm layer
+when a step uses it), builds each StageRun from torchrun's env and calls `dhad_trainer.stages.<stage>.run`
+in order (several stages share one launch to save process start-up). Each rank writes
+root/result-rank<r>.json per step, with the seconds the step took."""
 
 from __future__ import annotations
 
@@ -9,10 +11,15 @@ import importlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from dhad_api import jobs
 from dhad_trainer.stages.base import StageRun
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # reward functions live in tests.support (torchrun puts only this folder first)
 
 
 def run_step(step: dict, rank: int, world: int) -> None:
@@ -20,10 +27,16 @@ def run_step(step: dict, rank: int, world: int) -> None:
     spec = getattr(jobs, step["kind"]).model_validate(step["spec"])
     run = StageRun(spec=spec, stage=step["stage"], model_dir=Path(step["model_dir"]), work_dir=root / "work",
                    output_dir=root / "out", inputs={k: Path(v) for k, v in step["inputs"].items()},
-                   rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True)
-    result = importlib.import_module(f"dhad_trainer.stages.{step['stage']}").run(run)
+                   rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True,
+                   deepspeed=step.get("deepspeed"))
+    kwargs = {}
+    if step.get("reward_function"):
+        module, name = step["reward_function"].split(":")
+        kwargs["reward_function"] = getattr(importlib.import_module(module), name)
+    started = time.monotonic()
+    result = importlib.import_module(f"dhad_trainer.stages.{step['stage']}").run(run, **kwargs)
     doc = {"metrics": result.metrics, "model_dir": str(result.model_dir) if result.model_dir else None,
-           "output_dir": str(run.output_dir), "world_size": world}
+           "output_dir": str(run.output_dir), "world_size": world, "seconds": round(time.monotonic() - started, 1)}
     (root / f"result-rank{rank}.json").write_text(json.dumps(doc, default=str), encoding="utf-8")
 
 
@@ -34,6 +47,10 @@ def main(job_file: str) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
+    if any(step.get("deepspeed") for step in job["steps"]):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
     for step in job["steps"]:
         run_step(step, rank, world)
         if dist.is_initialized():
