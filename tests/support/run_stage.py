@@ -1,9 +1,9 @@
 """Test entry point: what the runtime's worker does, minus S3. Launched by torchrun with a job.json listing
-steps (stage, spec kind and dict, model_dir, root, inputs; optionally a DeepSpeed config and, for the policy
-stage, a reward function as "module:name"); starts the gloo process group once (and DeepSpeed's comm layer
-when a step uses it), builds each StageRun from torchrun's env and calls `dhad_trainer.stages.<stage>.run`
-in order (several stages share one launch to save process start-up). Each rank writes
-root/result-rank<r>.json per step, with the seconds the step took."""
+steps (stage, spec kind and dict, model_dir, root, inputs; optionally a DeepSpeed config, a checkpoint to
+resume from and, for the policy stage, a reward function as "module:name"); starts the gloo process group
+once (and DeepSpeed's comm layer when a step uses it), builds each StageRun from torchrun's env and calls
+`dhad_trainer.stages.<stage>.run` in order (several stages share one launch to save process start-up).
+Each rank writes root/result-rank<r>.json per step, with the seconds the step took."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def run_step(step: dict, rank: int, world: int) -> None:
     run = StageRun(spec=spec, stage=step["stage"], model_dir=Path(step["model_dir"]), work_dir=root / "work",
                    output_dir=root / "out", inputs={k: Path(v) for k, v in step["inputs"].items()},
                    rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True,
-                   deepspeed=step.get("deepspeed"))
+                   deepspeed=step.get("deepspeed"),
+                   resume_from=Path(step["resume_from"]) if step.get("resume_from") else None)
     kwargs = {}
     if step.get("reward_function"):
         module, name = step["reward_function"].split(":")

@@ -25,6 +25,7 @@ the job's progress through the runtime's callbacks), and the first and last step
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -213,6 +214,20 @@ def build_ppo(run: StageRun, tokenizer, reward_function: RewardFunction | None =
         processing_class=tokenizer, callbacks=list(run.callbacks))
 
 
+@contextlib.contextmanager
+def whole_weights():
+    """Load a model whole on this process even while a ZeRO-3 config is registered (from_pretrained would
+    build it partitioned, with empty tensors, under zero.Init)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
 def save_policy(trainer, tokenizer, run: StageRun, prefix: str, lora: Lora | None) -> None:
     """The policy as a plain causal LM (LoRA merged unless lora.merge is false): every rank takes part in
     gathering the weights (ZeRO-3 partitions them), rank 0 loads them into a fresh copy and writes it."""
@@ -221,7 +236,8 @@ def save_policy(trainer, tokenizer, run: StageRun, prefix: str, lora: Lora | Non
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if run.is_main:
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        model = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=load_dtype(run))
+        with whole_weights():
+            model = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=load_dtype(run))
         if lora is not None:
             from peft import get_peft_model
 

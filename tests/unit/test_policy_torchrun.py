@@ -1,10 +1,14 @@
-"""Every sampling algorithm optimises, not just steps: PPO, GRPO and RLOO each raise the mean reward of an
-easy reward under torchrun with 2 CPU processes on the tiny model, while the KL to the reference stays bounded.
+"""The policy stage under torchrun with 2 CPU processes, in one launch (session fixture; a launch costs tens
+of seconds on this machine):
+
+1. Every sampling algorithm optimises, not just steps: PPO, GRPO and RLOO (DDP) each raise the mean reward of
+an easy reward on the tiny model, while the KL to the reference stays bounded.
+2. PPO under DeepSpeed ZeRO-2 and ZeRO-3 (the reward model and the reference as DeepSpeed engines, partitioned
+under ZeRO-3), and a ZeRO-3 run resumed from its checkpoint-1 that samples the same rollout again.
 
 The reward (tests/support/rewards.py) is the share of the answer's 8 tokens that carry the Arabic definite
 article "ال" (capped at 1); the algorithms' real loops run (generation, scoring, KL, advantages, updates),
-only the reward model is replaced by the function. One torchrun launch runs the three one after another
-(session fixture): a launch costs tens of seconds on this machine, a run of 30-40 tiny steps ~10-20 s.
+only the reward model is replaced by the function (a run of 30-40 tiny steps takes ~10-20 s).
 
 What "rises" means: the mean reward of the last 3 logged steps (rollouts) minus that of the first 3 is at
 least RISE (0.10, two fifths of the untrained policy's ~0.25) and at least 3 standard errors of that
@@ -21,9 +25,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
+from dhad_api.common import Distributed
+from dhad_trainer.runtime.deepspeed_config import build
 from dhad_trainer.stages.policy import REPORT_FILE
-from tests.support.alignment import rlaif_spec, step, tiny_lm, torchrun_stages
+from tests.support.alignment import rlaif_spec, step, tiny_lm, torchrun_stages, write_pairs
 
 pytestmark = pytest.mark.torchrun
 
@@ -48,13 +56,27 @@ def spec_for(name: str):
     return spec
 
 
+ZERO = {"ppo-zero2": 2, "ppo-zero3": 3, "ppo-zero3-resumed": 3}
+
+
+def deepspeed_spec():
+    return rlaif_spec(policy={"algorithm": "ppo", "generation": {"maxNewTokens": 6, "temperature": 1.0},
+                              "ppo": {"epochs": 1, "miniBatches": 1},
+                              "training": {"maxSteps": 2, "microBatchSize": 4, "learningRate": 1e-3, "logEverySteps": 1}})
+
+
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict[str, dict]:
-    root = tmp_path_factory.mktemp("rewards-rise")
+    root = tmp_path_factory.mktemp("policy-torchrun")
     steps = [step("policy", spec_for(name), root / name, tiny_lm(), name=name, reward_function=REWARD) for name in SETTINGS]
-    results = torchrun_stages(steps, root, nproc=PROCESSES, timeout=900)
-    return {name: {"ranks": results[name], "report": json.loads((root / name / "out" / REPORT_FILE).read_text())}
-            for name in SETTINGS}
+    inputs = {"feedback": write_pairs(root / "feedback"), "reward_model": tiny_lm()}  # the tiny LM as a reward model
+    for name, stage in ZERO.items():
+        resume = {"resume_from": str(root / "ppo-zero3" / "work" / "trainer" / "checkpoint-1")} if "resumed" in name else {}
+        steps.append(step("policy", deepspeed_spec(), root / name, tiny_lm(), inputs, name=name,
+                          deepspeed=build(Distributed(strategy="deepspeed", zeroStage=stage), True), **resume))
+    results = torchrun_stages(steps, root, nproc=PROCESSES, timeout=1200)
+    return {name: {"ranks": results[name], "report": json.loads((root / name / "out" / REPORT_FILE).read_text()),
+                   "root": root / name} for name in [*SETTINGS, *ZERO]}
 
 
 def window_mean_and_se(rows: list[dict], completions: int) -> tuple[float, float]:
@@ -89,3 +111,32 @@ def test_ppo_rollouts_carry_its_own_figures(runs):
     assert all(r["kl_coefficient"] == 0.04 for r in rollouts)  # fixed: no ppo.klTarget
     assert all(r["kl/sequence"] == pytest.approx(r["kl"] * r["completions/mean_length"], rel=1e-4) for r in rollouts)
     assert Path(runs["ppo"]["ranks"][0]["model_dir"], "model.safetensors").is_file()
+
+
+def checkpoint_files(run: dict, step: int) -> set[str]:
+    folder = run["root"] / "work" / "trainer" / f"checkpoint-{step}" / f"global_step{step}"
+    return {p.name for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("name", ["ppo-zero2", "ppo-zero3"])
+def test_ppo_under_deepspeed_trains_and_saves_a_whole_policy(runs, name):
+    run = runs[name]
+    assert [r["metrics"]["steps"] for r in run["ranks"]] == [2, 2]
+    files = checkpoint_files(run, 2)
+    if ZERO[name] == 3:  # each rank saved its own partition of the weights
+        assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= files
+    else:  # ZeRO-2: whole weights once, optimizer states partitioned
+        assert "mp_rank_00_model_states.pt" in files and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in files
+    final = transformers.AutoModelForCausalLM.from_pretrained(run["ranks"][0]["model_dir"])
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm())
+    assert all(p.shape == q.shape for p, q in zip(final.parameters(), base.parameters(), strict=True))  # not shards
+    assert any(not torch.equal(p, q) for p, q in zip(final.parameters(), base.parameters(), strict=True))
+    assert abs(run["report"]["rollouts"][0]["kl"]) < 1e-6  # the reference engine holds the starting policy
+
+
+def test_ppo_under_zero3_resumes_the_rollout_it_was_in(runs):
+    first, resumed = runs["ppo-zero3"]["report"]["rollouts"], runs["ppo-zero3-resumed"]["report"]["rollouts"]
+    assert [r["step"] for r in first] == [0, 1] and [r["step"] for r in resumed] == [1]
+    assert resumed[0]["digest"] == first[1]["digest"]  # the same prompts and samples (rank 0's share)
+    assert resumed[0]["kl"] == pytest.approx(first[1]["kl"], rel=1e-3, abs=1e-6)  # from the restored partitions
+    assert [r["metrics"]["steps"] for r in runs["ppo-zero3-resumed"]["ranks"]] == [2, 2]
