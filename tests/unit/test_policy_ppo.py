@@ -15,6 +15,9 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
+from dhad_trainer.runtime.callbacks import ProgressCallback
+from dhad_trainer.runtime.distributed import Cluster
+from dhad_trainer.runtime.progress import FileSink, ProgressReporter
 from dhad_trainer.stages import policy, ppo
 from tests.support.alignment import StepRecorder, rlaif_spec, stage_run, tiny_lm, write_pairs
 from tests.support.rewards import definite_article
@@ -107,9 +110,12 @@ def with_reward_model(tmp_path_factory, feedback_dir):
     root = tmp_path_factory.mktemp("ppo")
     spec = ppo_spec()
     keep = KeepCheckpoint(2, root / "kept" / "checkpoint-2")  # the rollout boundary: steps 3-4 are a new rollout
+    progress = ProgressReporter(FileSink(root / "progress.jsonl"), "policy", interval=0)
     run = stage_run(spec, "policy", root, tiny_lm(), inputs={"feedback": feedback_dir, "reward_model": tiny_lm()},
-                    callbacks=[keep])
-    return run, policy.run(run)
+                    callbacks=[keep, ProgressCallback(progress, Cluster())])
+    result = policy.run(run)
+    progress.close()
+    return run, result
 
 
 def report_of(run):
@@ -135,6 +141,16 @@ def test_ppo_with_a_reward_model_trains_a_policy_and_checkpoints_both_models(wit
     critic = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint / "critic")
     start = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_lm(), num_labels=1)
     assert not torch.equal(critic.score.weight, start.score.weight)  # the critic trained too
+
+
+def test_per_step_figures_reach_progress(with_reward_model):
+    run, _ = with_reward_model
+    reports = [json.loads(line) for line in (run.work_dir.parent / "progress.jsonl").read_text().splitlines()]
+    with_figures = [r for r in reports if "rewardMean" in r.get("figures", {})]
+    rollout = report_of(run)["rollouts"][-1]
+    assert with_figures[-1]["figures"]["rewardMean"] == pytest.approx(rollout["reward"], abs=1e-6)
+    assert {"rewardStd", "kl", "responseLength", "klCoefficient"} <= with_figures[-1]["figures"].keys()
+    assert any(r.get("tokensPerSecond") for r in reports)
 
 
 def test_ppo_resumes_from_a_checkpoint_with_its_kl_coefficient(with_reward_model, feedback_dir, tmp_path):
