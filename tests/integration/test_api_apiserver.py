@@ -114,7 +114,7 @@ BAD = [
     ("ppo-lam-above-one", "rlaif", {"spec.policy.ppo.lam": 1.5}, "spec.policy.ppo.lam"),
     ("ppo-kl-target-negative", "rlaif", {"spec.policy.ppo.klTarget": -1}, "spec.policy.ppo.klTarget"),
     ("policy-lora-rank-zero", "rlaif", {"spec.policy.lora": {"r": 0}}, "spec.policy.lora.r"),
-    ("forced-verdicts-not-bool", "rlaif", {"spec.feedback.useForcedVerdicts": "yes"}, "spec.feedback.useForcedVerdicts"),
+    ("forced-verdicts-not-bool", "rlaif", {"spec.feedback.useForcedVerdicts": "perhaps"}, "spec.feedback.useForcedVerdicts"),
     ("judge-two-sources", "rlaif", {"spec.feedback.judge.endpoint": {"baseUrl": "https://j/v1", "model": "m"}}, "judge: set exactly one of model and endpoint"),
     ("samples-per-prompt-one", "rlaif", {"spec.feedback.samplesPerPrompt": 1}, "spec.feedback.samplesPerPrompt"),
     ("judge-url-ftp", "rlaif", {"spec.feedback.judge": {"endpoint": {"baseUrl": "ftp://j", "model": "m"}}}, "spec.feedback.judge.endpoint.baseUrl"),
