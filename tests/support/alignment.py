@@ -90,8 +90,8 @@ def write_pairs(directory: Path, n_train: int = 8, n_heldout: int = 4) -> Path:
 def step(stage: str, spec, root: Path, model_dir: Path, inputs: dict | None = None, *, name: str | None = None,
          **extra) -> dict:
     """One stage for `torchrun_stages`; its StageRun gets root/work and root/out. `name` keys its results
-    (default the stage); `extra` may hold "deepspeed" (a config), "resume_from" (a checkpoint folder) and "reward_function"
-    ("module:name")."""
+    (default the stage); `extra` may hold "resume_from" (a checkpoint folder) and "reward_function"
+    ("module:name"); DeepSpeed or FSDP come from the spec's `distributed`."""
     return {"stage": stage, "name": name or stage, "kind": type(spec).__name__, "spec": spec.to_json_dict(),
             "model_dir": str(model_dir), "root": str(root), "inputs": {k: str(v) for k, v in (inputs or {}).items()},
             **extra}

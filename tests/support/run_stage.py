@@ -1,9 +1,10 @@
 """Test entry point: what the runtime's worker does, minus S3. Launched by torchrun with a job.json listing
-steps (stage, spec kind and dict, model_dir, root, inputs; optionally a DeepSpeed config, a checkpoint to
-resume from and, for the policy stage, a reward function as "module:name"); starts the gloo process group
-once (and DeepSpeed's comm layer when a step uses it), builds each StageRun from torchrun's env and calls
-`dhad_trainer.stages.<stage>.run` in order (several stages share one launch to save process start-up).
-Each rank writes root/result-rank<r>.json per step, with the seconds the step took."""
+steps (stage, spec kind and dict, model_dir, root, inputs; optionally a checkpoint to resume from and, for the
+policy stage, a reward function as "module:name"); starts the gloo process group once, builds each StageRun
+from torchrun's env and calls `dhad_trainer.stages.<stage>.run` in order (several stages share one launch to
+save process start-up). A spec's `distributed` is honoured as the worker does it: DeepSpeed's config (and
+comm layer) or FSDP's arguments reach the StageRun. Each rank writes root/result-rank<r>.json per step, with
+the seconds the step took."""
 
 from __future__ import annotations
 
@@ -24,11 +25,20 @@ if str(REPO) not in sys.path:
 
 def run_step(step: dict, rank: int, world: int) -> None:
     root = Path(step["root"])
+    from dhad_trainer.runtime import deepspeed_config, fsdp_config
+
     spec = getattr(jobs, step["kind"]).model_validate(step["spec"])
+    ds = deepspeed_config.build(spec.distributed, use_cpu=True)
+    if ds is not None:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    fsdp = fsdp_config.build(spec.distributed, 1, world)
+    if fsdp is not None:
+        fsdp_config.enable_on_cpu()
     run = StageRun(spec=spec, stage=step["stage"], model_dir=Path(step["model_dir"]), work_dir=root / "work",
-                   output_dir=root / "out", inputs={k: Path(v) for k, v in step["inputs"].items()},
-                   rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True,
-                   deepspeed=step.get("deepspeed"),
+                   output_dir=root / "out", inputs={k: Path(v) for k, v in step["inputs"].items()}, deepspeed=ds,
+                   fsdp=fsdp, rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True,
                    resume_from=Path(step["resume_from"]) if step.get("resume_from") else None)
     kwargs = {}
     if step.get("reward_function"):
@@ -48,10 +58,6 @@ def main(job_file: str) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
-    if any(step.get("deepspeed") for step in job["steps"]):
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
     for step in job["steps"]:
         run_step(step, rank, world)
         if dist.is_initialized():

@@ -31,7 +31,6 @@ import torch
 import transformers
 
 from dhad_api.common import Distributed
-from dhad_trainer.runtime.deepspeed_config import build
 from dhad_trainer.stages.policy import REPORT_FILE
 from tests.support.alignment import rlaif_spec, step, tiny_lm, torchrun_stages, write_pairs
 
@@ -61,10 +60,12 @@ def spec_for(name: str):
 ZERO = {"ppo-zero2": 2, "ppo-zero3": 3, "ppo-zero3-resumed": 3}
 
 
-def deepspeed_spec():
-    return rlaif_spec(policy={"algorithm": "ppo", "generation": {"maxNewTokens": 6, "temperature": 1.0},
+def deepspeed_spec(zero_stage: int):
+    spec = rlaif_spec(policy={"algorithm": "ppo", "generation": {"maxNewTokens": 6, "temperature": 1.0},
                               "ppo": {"epochs": 1, "miniBatches": 1},
                               "training": {"maxSteps": 2, "microBatchSize": 4, "learningRate": 1e-3, "logEverySteps": 1}})
+    spec.distributed = Distributed(strategy="deepspeed", zeroStage=zero_stage)  # run_stage builds the config as the worker does
+    return spec
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +75,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     inputs = {"feedback": write_pairs(root / "feedback"), "reward_model": tiny_lm()}  # the tiny LM as a reward model
     for name, stage in ZERO.items():
         resume = {"resume_from": str(root / "ppo-zero3" / "work" / "trainer" / "checkpoint-1")} if "resumed" in name else {}
-        steps.append(step("policy", deepspeed_spec(), root / name, tiny_lm(), inputs, name=name,
-                          deepspeed=build(Distributed(strategy="deepspeed", zeroStage=stage), True), **resume))
+        steps.append(step("policy", deepspeed_spec(stage), root / name, tiny_lm(), inputs, name=name, **resume))
     results = torchrun_stages(steps, root, nproc=PROCESSES, timeout=1200)
     return {name: {"ranks": results[name], "report": json.loads((root / name / "out" / REPORT_FILE).read_text()),
                    "root": root / name} for name in [*SETTINGS, *ZERO]}

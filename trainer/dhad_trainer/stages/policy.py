@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 from dhad_api.jobs import RLAIFJobSpec
 from dhad_api.stages import Lora, PolicyAlgorithm, PolicyStage
 from dhad_trainer.data.conversations import load_prompts
+from dhad_trainer.runtime import tracking
 from dhad_trainer.stages.alignment import (
     INPUT_FEEDBACK,
     INPUT_REWARD_MODEL,
@@ -305,6 +306,7 @@ def run(run: StageRun, reward_function: RewardFunction | None = None) -> StageRe
     else:
         model = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=load_dtype(run))
         trainer = build_trainer(run, model, tokenizer, reward_function)
+    tracking.rlaif_aliases(trainer)  # rlaif/reward, rlaif/kl, rlaif/response_length whatever the algorithm
     result = trainer.train(resume_from_checkpoint=resume_arg(run))
     if pol.algorithm is PolicyAlgorithm.PPO:
         save_policy(trainer, tokenizer, run, "policy.", pol.lora)

@@ -195,9 +195,11 @@ def run(run: StageRun) -> StageResult:
     save_final(trainer, tokenizer, run)
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
                "train_pairs": len(train_rows), "heldout_pairs": len(held_out)}
+    # Every rank scores the same pairs: under ZeRO-3 and FSDP a forward gathers each layer's parameters
+    # from all ranks, so rank 0 alone would wait forever. Rank 0 reports.
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    metrics.update(reward_report(run, trained, tokenizer, held_out))
     if run.is_main:
-        trained = trainer.accelerator.unwrap_model(trainer.model)
-        metrics.update(reward_report(run, trained, tokenizer, held_out))
         (run.output_dir / EVAL_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
         log.info("reward: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
     return StageResult(metrics=metrics, model_dir=run.output_dir)
