@@ -106,9 +106,11 @@ def test_acva_statements_are_scored_as_affirmation_against_negation(trained):
     run, result = trained
     acva = result.metrics["acva"]
     rows = [json.loads(line) for line in ACVA_TEST.read_text(encoding="utf-8").splitlines()]
-    first_per_topic = {}
-    for r in rows:  # acvaLimit 1: the first statement of each topic, in file order
-        first_per_topic.setdefault(r["id"].rsplit("-", 1)[0], r)
+    by_id = {r["id"]: r for r in rows}
+    topics = {r["id"].rsplit("-", 1)[0] for r in rows}
+    # acvaLimit 1: one statement of every topic (a seeded draw), in file order
+    first_per_topic = {by_id[i]["id"].rsplit("-", 1)[0]: by_id[i] for i in acva["ids"]}
+    assert sorted(first_per_topic) == sorted(topics) and len(acva["ids"]) == len(topics)
     assert acva["items"] == len(first_per_topic) == len(acva["per_topic"])
     assert acva["gold_yes_share"] == pytest.approx(sum(r["answer"] == "نعم" for r in first_per_topic.values())
                                                    / len(first_per_topic))

@@ -144,6 +144,7 @@ def acva_report(model, tokenizer, items, max_length: int) -> dict:
             "predicted_yes_share": sum(o.pred == YES for o in outcomes) / len(outcomes),
             "gold_yes_share": sum(o.gold == YES for o in outcomes) / len(outcomes),
             "affirmation": AFFIRM, "negation": NEGATE, "question": ACVA_QUESTION,
+            "ids": [it.id for it in items],  # acvaLimit draws a seeded sample per topic: which statements it scored
             "per_topic": {t: {"items": v["n"], "accuracy": v["accuracy"], "macro_f1": v["macro_f1"]}
                           for t, v in summary["per_topic"].items()}}
 
