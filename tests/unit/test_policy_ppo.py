@@ -105,6 +105,19 @@ class KeepCheckpoint(TrainerCallback):
             shutil.copytree(Path(args.output_dir) / f"checkpoint-{self.step}", self.dest)
 
 
+class RecordLogs(TrainerCallback):
+    """What a report_to integration receives: each log after the callbacks ahead of it."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+RECORDED = RecordLogs()
+
+
 @pytest.fixture(scope="module")
 def with_reward_model(tmp_path_factory, feedback_dir):
     root = tmp_path_factory.mktemp("ppo")
@@ -112,7 +125,7 @@ def with_reward_model(tmp_path_factory, feedback_dir):
     keep = KeepCheckpoint(2, root / "kept" / "checkpoint-2")  # the rollout boundary: steps 3-4 are a new rollout
     progress = ProgressReporter(FileSink(root / "progress.jsonl"), "policy", interval=0)
     run = stage_run(spec, "policy", root, tiny_lm(), inputs={"feedback": feedback_dir, "reward_model": tiny_lm()},
-                    callbacks=[keep, ProgressCallback(progress, Cluster())])
+                    callbacks=[keep, ProgressCallback(progress, Cluster()), RECORDED])
     result = policy.run(run)
     progress.close()
     return run, result
@@ -151,6 +164,15 @@ def test_per_step_figures_reach_progress(with_reward_model):
     assert with_figures[-1]["figures"]["rewardMean"] == pytest.approx(rollout["reward"], abs=1e-6)
     assert {"rewardStd", "kl", "responseLength", "klCoefficient"} <= with_figures[-1]["figures"].keys()
     assert any(r.get("tokensPerSecond") for r in reports)
+
+
+def test_ppo_logs_reach_the_integrations_under_the_rlaif_names(with_reward_model):
+    run, _ = with_reward_model
+    logged = [log for log in RECORDED.logs if "reward" in log]
+    assert logged, RECORDED.logs
+    for log in logged:  # the names GRPO/RLOO logs map to: one dashboard panel for every algorithm
+        assert (log["rlaif/reward"], log["rlaif/kl"], log["rlaif/response_length"]) == (
+            log["reward"], log["kl"], log["completions/mean_length"])
 
 
 def test_ppo_resumes_from_a_checkpoint_with_its_kl_coefficient(with_reward_model, feedback_dir, tmp_path):
