@@ -1,9 +1,10 @@
 """Test entry point: what the runtime's worker does, minus S3. Launched by torchrun with a job.json listing
-steps (stage, spec kind and dict, model_dir, root, inputs); starts the gloo process group once, builds each
-StageRun from torchrun's env and calls `dhad_trainer.stages.<stage>.run` in order (several stages share
-one launch to save process start-up). A spec's `distributed` is honoured as the worker does it: DeepSpeed's
-config (and comm layer) or FSDP's arguments reach the StageRun. Each rank writes root/result-rank<r>.json
-per step."""
+steps (stage, spec kind and dict, model_dir, root, inputs; optionally a checkpoint to resume from and, for the
+policy stage, a reward function as "module:name"); starts the gloo process group once, builds each StageRun
+from torchrun's env and calls `dhad_trainer.stages.<stage>.run` in order (several stages share one launch to
+save process start-up). A spec's `distributed` is honoured as the worker does it: DeepSpeed's config (and
+comm layer) or FSDP's arguments reach the StageRun. Each rank writes root/result-rank<r>.json per step, with
+the seconds the step took."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ import importlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from dhad_api import jobs
 from dhad_trainer.stages.base import StageRun
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # reward functions live in tests.support (torchrun puts only this folder first)
 
 
 def run_step(step: dict, rank: int, world: int) -> None:
@@ -32,10 +38,16 @@ def run_step(step: dict, rank: int, world: int) -> None:
         fsdp_config.enable_on_cpu()
     run = StageRun(spec=spec, stage=step["stage"], model_dir=Path(step["model_dir"]), work_dir=root / "work",
                    output_dir=root / "out", inputs={k: Path(v) for k, v in step["inputs"].items()}, deepspeed=ds,
-                   fsdp=fsdp, rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True)
-    result = importlib.import_module(f"dhad_trainer.stages.{step['stage']}").run(run)
+                   fsdp=fsdp, rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True,
+                   resume_from=Path(step["resume_from"]) if step.get("resume_from") else None)
+    kwargs = {}
+    if step.get("reward_function"):
+        module, name = step["reward_function"].split(":")
+        kwargs["reward_function"] = getattr(importlib.import_module(module), name)
+    started = time.monotonic()
+    result = importlib.import_module(f"dhad_trainer.stages.{step['stage']}").run(run, **kwargs)
     doc = {"metrics": result.metrics, "model_dir": str(result.model_dir) if result.model_dir else None,
-           "output_dir": str(run.output_dir), "world_size": world}
+           "output_dir": str(run.output_dir), "world_size": world, "seconds": round(time.monotonic() - started, 1)}
     (root / f"result-rank{rank}.json").write_text(json.dumps(doc, default=str), encoding="utf-8")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -282,8 +283,22 @@ def test_the_gpu_pipeline_plans_every_stage_and_gate_within_its_gpus():
         assert step.verdict.plan.gpu.memory == 81559 * 2**20
     cpt, sft = steps[0].verdict.plan.architecture, steps[1].verdict.plan.architecture
     assert sft.vocab_size == cpt.vocab_size + 2000  # cpt adds 2,000 Arabic tokens
-    job = {"SFTJob": "acegpt-7b-sft.yaml", "RLAIFJob": "acegpt-7b-rlaif.yaml"}
+    job = {"SFTJob": "acegpt-7b-sft.yaml", "RLAIFJob": "acegpt-7b-rlaif-grpo.yaml"}  # the pipeline's RLAIF stage is GRPO
     for step in (steps[1], steps[3]):  # the same job as its one-manifest example: the same plan
         kind, spec = example(REPO / "examples" / "gpu" / job[step.kind.value])
         alone = planned_condition(kind, spec, lookup=lookup)
         assert step.verdict.plan.peak.total == alone.plan.peak.total, step.label
+
+
+def test_ppo_with_lora_counts_the_critic_and_loads_no_separate_reference_or_reward_model():
+    kind, spec = example(REPO / "examples" / "gpu" / "acegpt-7b-rlaif.yaml")
+    arch = KNOWN_ARCHITECTURES["meta-llama/llama-2-7b-hf"]
+    policy = {p.stage: p for p in plan_job(kind, spec, arch).stages}["policy (ppo)"]
+    names = dict(policy.components)
+    assert "reference model weights" not in names and "reward model weights" not in names
+    assert names["critic 16-bit weights"] == 2 * replace(arch, tie_embeddings=True).parameters  # the frozen backbone
+    assert names["optimizer states (partitioned)"] < 0.01 * names["16-bit weights"]  # adapters only
+    full = spec.model_copy(update={"policy": spec.policy.model_copy(update={"lora": None})})
+    names = dict({p.stage: p for p in plan_job(kind, full, arch).stages}["policy (ppo)"].components)
+    assert {"reference model weights", "reward model weights"} <= set(names)
+    assert names["critic optimizer states (partitioned)"] == pytest.approx(8 * replace(arch, tie_embeddings=True).parameters / 16, rel=1e-6)

@@ -73,7 +73,8 @@ def run_demo(workdir: Path) -> int:
         session = Session(workdir, s3.env())
         started = step("1-4. the recipe as one Pipeline (examples/tiny/pipeline.yaml): continued pre-training (data prep, "
                        "vocabulary expansion, 2 nodes) -> SFT on Arabic instructions (2 nodes), gated on ACVA -> RLAIF (judge "
-                       "under the Arabic constitution -> reward model -> GRPO), gated on Arabic MMLU -> evaluation on samples "
+                       "under the Arabic constitution, every verdict a forced likelihood choice kept by useForcedVerdicts "
+                       "-> reward model -> GRPO), gated on Arabic MMLU -> evaluation on samples "
                        "of ACVA, Arabic MMLU, EXAMs, Vicuna-80, AlpacaEval")
         status = run_pipeline(yaml.safe_load((TINY / "pipeline.yaml").read_text()), session)
         print(f"   pipeline {status['state']} ({time.monotonic() - started:.0f} s)")
