@@ -182,9 +182,25 @@ def stages_for(kind: JobKind | str, spec: JobSpec) -> list[str]:
 OUTPUT_STAGE = {"pretrain": "pretrain", "sft": "sft", "policy": "policy"}  # sub-stages that write the job's model
 
 
+@dataclass(frozen=True)
+class StagePods:
+    """The pod shape of one sub-stage's Indexed Job, which the operator renders and reconciles."""
+
+    pods: int  # pods in the sub-stage's Indexed Job
+    procs_per_pod: int  # torchrun --nproc-per-node (GPUs per pod, 1 on CPU)
+    gpus_per_pod: int  # nvidia.com/gpu requested per pod
+    gang: bool  # True: one failed pod ends the attempt (a torch.distributed gang)
+
+
+def stage_pods(kind: JobKind | str, spec: JobSpec, stage: str) -> StagePods:
+    """Today every sub-stage is one torch.distributed gang of `resources.nodes` pods."""
+    gpus = spec.resources.gpus_per_node
+    return StagePods(spec.resources.nodes, max(gpus, 1), gpus, True)
+
+
 def parse_spec(kind: JobKind | str, spec: dict) -> JobSpec:
     """Validates a spec dict (camelCase, as stored by the apiserver) into the kind's typed model."""
     return KINDS[JobKind(kind)].spec.model_validate(spec)
 
 
-__all__ = ["DhadModel", "JobSpec", "PretrainJobSpec", "SFTJobSpec", "RLAIFJobSpec", "EvalJobSpec", "KINDS", "parse_spec"]
+__all__ = ["DhadModel", "JobSpec", "PretrainJobSpec", "SFTJobSpec", "RLAIFJobSpec", "EvalJobSpec", "KINDS", "parse_spec", "StagePods", "stage_pods"]

@@ -10,9 +10,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from dhad_api.jobs import API_VERSION, KINDS, JobSpec, KindInfo, RLAIFJobSpec, SFTJobSpec
+from dhad_api.jobs import (
+    API_VERSION,
+    KINDS,
+    JobSpec,
+    KindInfo,
+    RLAIFJobSpec,
+    SFTJobSpec,
+    StagePods,
+    stage_pods,
+)
 from dhad_api.naming import config_map_name, job_name, master_address, service_name
-from dhad_api.reasons import NAMESPACE_ENV, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
+from dhad_api.reasons import NAMESPACE_ENV, NO_RETRY, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
 
 LABEL_JOB = "dhad.dev/job"
 LABEL_KIND = "dhad.dev/kind"
@@ -97,22 +106,29 @@ def progress_objects(owner: Owner) -> list[dict]:
 
 
 def static_children(owner: Owner, spec: JobSpec, resolved: dict) -> list[dict]:
-    """Everything but the Jobs, in creation order (the Service first)."""
+    """Everything but the Jobs (none depends on another: they are created together)."""
     return [headless_service(owner), job_config_map(owner, spec, resolved), *progress_objects(owner)]
+
+
+def static_child_names(owner: Owner) -> list[tuple[str, str]]:
+    """(kind, name) of static_children, without rendering them (checked on every reconcile)."""
+    code, trainer = owner.info.code, trainer_service_account_name(owner)
+    return [("Service", service_name(owner.name, code)), ("ConfigMap", config_map_name(owner.name, code)),
+            ("ConfigMap", progress_config_map_name(owner)), ("ServiceAccount", trainer), ("Role", trainer), ("RoleBinding", trainer)]
 
 
 def _secret_env(name: str, ref) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
-def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int) -> list[dict]:
+def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int, shape: StagePods | None = None) -> list[dict]:
     storage = spec.storage
-    gpus = spec.resources.gpus_per_node
+    shape = shape or stage_pods(owner.kind, spec, stage)
     env = [
         {"name": "MASTER_ADDR", "value": master_address(owner.name, owner.info.code, stage, attempt)},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "NNODES", "value": str(spec.resources.nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(max(gpus, 1))},
+        {"name": "NNODES", "value": str(shape.pods)},
+        {"name": "NPROC_PER_NODE", "value": str(shape.procs_per_pod)},
         {"name": "DHAD_STAGE", "value": stage},
         {"name": "DHAD_ATTEMPT", "value": str(attempt)},
         {"name": "DHAD_JOB_UID", "value": owner.uid},
@@ -150,10 +166,10 @@ RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"dro
                         "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _resources(spec: JobSpec) -> dict:
+def _resources(spec: JobSpec, shape: StagePods) -> dict:
     limits: dict[str, str] = {}
-    if spec.resources.gpus_per_node:
-        limits["nvidia.com/gpu"] = str(spec.resources.gpus_per_node)
+    if shape.gpus_per_pod:
+        limits["nvidia.com/gpu"] = str(shape.gpus_per_pod)
     if spec.resources.cpu:
         limits["cpu"] = spec.resources.cpu
     if spec.resources.memory:
@@ -176,8 +192,10 @@ def _affinity(spec: JobSpec, avoid_nodes: list[str]) -> dict | None:
 
 def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults: Defaults,
                  avoid_nodes: list[str] | None = None) -> dict:
-    """One attempt of one (sub-)stage: an Indexed Job, one pod per node, no per-pod retries."""
+    """One attempt of one (sub-)stage: an Indexed Job of stage_pods(...).pods pods. A gang has no
+    per-pod retries (one failed pod ends the attempt); independent pods are retried per index."""
     name = job_name(owner.name, stage, attempt)
+    shape = stage_pods(owner.kind, spec, stage)
     labels = {**owner.labels(), LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}
     pod = spec.pod_template
     pod_spec = {
@@ -190,8 +208,8 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
             "name": "trainer",
             "image": spec.image or defaults.trainer_image,
             "command": ["python", "-m", "dhad_trainer", "launch", JOB_FILE],
-            "env": trainer_env(owner, spec, stage, attempt),
-            "resources": _resources(spec),
+            "env": trainer_env(owner, spec, stage, attempt, shape),
+            "resources": _resources(spec, shape),
             "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
             "volumeMounts": [{"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
                              {"name": "dshm", "mountPath": "/dev/shm"}, *pod.volume_mounts],
@@ -209,15 +227,29 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
     job_labels = dict(labels)
     if spec.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
-    nodes = spec.resources.nodes
+    pods = shape.pods
+    job_spec = {
+        "completionMode": "Indexed", "completions": pods, "parallelism": pods,
+        **({"backoffLimit": 0} if shape.gang else _retry_per_index(spec)),
+        # Kueue admits a queued Job by unsuspending it.
+        "suspend": bool(spec.queue_name),
+        "template": {"metadata": {"labels": {**pod.labels, **labels}, "annotations": dict(pod.annotations)},
+                     "spec": pod_spec},
+    }
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": _meta(owner, name, {LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}) | {"labels": job_labels},
-        "spec": {
-            "completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "backoffLimit": 0,
-            # Kueue admits a queued Job by unsuspending it.
-            "suspend": bool(spec.queue_name),
-            "template": {"metadata": {"labels": {**pod.labels, **labels}, "annotations": dict(pod.annotations)},
-                         "spec": pod_spec},
-        },
+        "spec": job_spec,
+    }
+
+
+def _retry_per_index(spec: JobSpec) -> dict:
+    """Independent pods: the Job retries a failed index alone (restartPolicy.maxRestarts times); bad
+    config or data fails the whole Job at once; a disruption is not counted."""
+    return {
+        "backoffLimitPerIndex": spec.restart_policy.max_restarts,
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": sorted(int(c) for c in NO_RETRY)}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
     }
