@@ -285,8 +285,8 @@ class Informer:
     old, new) for every stored difference (new is None for a deletion)."""
 
     def __init__(self, rest: Rest, resource: Resource, store: Store, namespace: str | None, selector: dict, on_change,
-                 watch_seconds: int = 300):
-        self.rest, self.resource, self.store, self.namespace = rest, resource, store, namespace
+                 watch_seconds: int = 300, optional: bool = False):
+        self.rest, self.resource, self.store, self.namespace, self.optional = rest, resource, store, namespace, optional
         self.selector, self.on_change, self.watch_seconds = selector, on_change, watch_seconds
         self.synced = threading.Event()
         self.heartbeat = time.monotonic()
@@ -325,9 +325,13 @@ class Informer:
                 if isinstance(error, ApiError) and error.code == 410:
                     version = None
                     continue
+                if isinstance(error, ApiError) and error.code == 403 and self.optional and not self.synced.is_set():
+                    log.error("may not watch %s (%s): the operator runs without it", self.name, error.message)
+                    self.synced.set()  # not needed to serve; retried below
+                    backoff = 300
                 log.warning("watch %s: %s; again in %.1f s", self.name, error, backoff)
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 30)
+                backoff = min(backoff * 2, 30) if backoff < 30 else backoff
 
     def _list(self) -> str:
         items, token = [], None
@@ -397,7 +401,8 @@ class Kube:
         for kind in (*sorted(JOB_KINDS), *CHILD_KINDS, "Event"):
             selector = {} if kind in JOB_KINDS else POD_CREATE_EVENTS if kind == "Event" else CHILD_SELECTOR
             for namespace in scopes:
-                self.informers.append(Informer(self.rest, RESOURCES[kind], self.stores[kind], namespace, selector, on_change))
+                self.informers.append(Informer(self.rest, RESOURCES[kind], self.stores[kind], namespace, selector, on_change,
+                                               optional=kind == "Event"))
         for informer in self.informers:
             informer.start()
 
@@ -500,6 +505,8 @@ class Kube:
             return
         if (result.get("metadata") or {}).get("deletionTimestamp"):
             self._remember(kind, {"kind": kind, **result})  # still there until its dependents are gone
+        elif (cached := self.stores[kind].get(namespace, name)) is not None:
+            self.stores[kind].remove(cached)  # gone now: the next reconcile must not delete it again
 
     def replace_status(self, obj: dict, status: dict) -> dict:
         """PUT of /status with the cached resourceVersion: removed keys go, a stale write gets a 409."""

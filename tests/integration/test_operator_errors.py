@@ -19,7 +19,7 @@ def _events(kube, namespace: str, name: str, reason: str) -> list:
 
 
 def test_a_volume_the_apiserver_rejects_fails_the_job_with_its_message(kube, namespace, dhad_operator):
-    bad = {"volumes": [{"name": "scratch"}], "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}
+    bad = {"volumes": [{"name": "scratch_space", "emptyDir": {}}], "volumeMounts": [{"name": "scratch_space", "mountPath": "/scratch"}]}
     apply(kube, namespace, tiny("sft", podTemplate=bad))
     failed = wait_state(kube, namespace, "SFTJob", "tiny-sft", "Failed", 30)
     condition = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")

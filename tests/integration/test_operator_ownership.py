@@ -55,13 +55,15 @@ def test_a_child_of_a_deleted_job_waits_for_the_garbage_collector_then_the_new_j
     core = client.CoreV1Api(kube)
     # hold one child of the old job back, as a slow garbage collector would
     core.patch_namespaced_config_map("tiny-sft-sft-spec", namespace, {"metadata": {"finalizers": ["dhad.test/hold"]}})
-    client.CustomObjectsApi(kube).delete_namespaced_custom_object("dhad.dev", "v1alpha1", namespace, PLURAL["SFTJob"], "tiny-sft")
-    wait_for(lambda: not pods(kube, namespace, "tiny-sft"), 60, "the old pods gone")
-    apply(kube, namespace, tiny("sft", podTemplate=FINISH))
-    waiting = wait_for(lambda: (lambda o: o if _condition(o, "Created").get("reason") == "WaitingForGarbageCollection" else None)(
-        get(kube, namespace, "SFTJob", "tiny-sft")), 30, "waiting for the garbage collector")
-    assert waiting["status"]["state"] == "Pending" and not jobs(kube, namespace, "tiny-sft")
-    core.patch_namespaced_config_map("tiny-sft-sft-spec", namespace, {"metadata": {"finalizers": None}})
+    try:
+        client.CustomObjectsApi(kube).delete_namespaced_custom_object("dhad.dev", "v1alpha1", namespace, PLURAL["SFTJob"], "tiny-sft")
+        wait_for(lambda: not pods(kube, namespace, "tiny-sft"), 60, "the old pods gone")
+        apply(kube, namespace, tiny("sft", podTemplate=FINISH))
+        waiting = wait_for(lambda: (lambda o: o if _condition(o, "Created").get("reason") == "WaitingForGarbageCollection" else None)(
+            get(kube, namespace, "SFTJob", "tiny-sft")), 30, "waiting for the garbage collector")
+        assert waiting["status"]["state"] == "Pending" and not jobs(kube, namespace, "tiny-sft")
+    finally:
+        core.patch_namespaced_config_map("tiny-sft-sft-spec", namespace, {"metadata": {"finalizers": None}})
     done = wait_state(kube, namespace, "SFTJob", "tiny-sft", "Succeeded", 90)
     spec = core.read_namespaced_config_map("tiny-sft-sft-spec", namespace)
     assert spec.metadata.owner_references[0].uid == done["metadata"]["uid"]
@@ -70,7 +72,8 @@ def test_a_child_of_a_deleted_job_waits_for_the_garbage_collector_then_the_new_j
 def test_a_labelled_pod_that_no_job_of_ours_made_cannot_fail_the_job(kube, namespace, dhad_operator, gpu_nodes):
     apply(kube, namespace, tiny("sft"))
     real = running_pods(kube, namespace, "tiny-sft", 1, 2)
-    labels = dict(real[0].metadata.labels)
+    # our labels only: with the Job controller's own (controller-uid) labels its Job would adopt the pod
+    labels = {k: v for k, v in real[0].metadata.labels.items() if k.startswith("dhad.dev/")}
     spoof = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "spoof", "labels": labels},
              "spec": {"nodeName": gpu_nodes[0], "restartPolicy": "Never", "containers": [{"name": "trainer", "image": "x"}]}}
     core = client.CoreV1Api(kube)
@@ -132,18 +135,28 @@ def test_a_job_deleted_by_hand_gets_a_new_attempt_number_after_its_pods_are_gone
     core = client.CoreV1Api(kube)
     for pod in first:  # the old pods take a while to stop: they must not be counted, nor overlap the next attempt
         core.patch_namespaced_pod(pod.metadata.name, namespace, {"metadata": {"finalizers": ["dhad.test/hold"]}})
-    client.BatchV1Api(kube).delete_namespaced_job("tiny-sft-sft-1", namespace, propagation_policy="Background")
-    wait_for(lambda: not [j for j in jobs(kube, namespace, "tiny-sft") if j.metadata.name == "tiny-sft-sft-1"], 30, "Job 1 gone")
-    wait_for(lambda: all(p.metadata.deletion_timestamp for p in pods(kube, namespace, "tiny-sft", 1)), 30, "old pods terminating")
-    restarting = wait_for(lambda: (lambda o: o if (o.get("status") or {}).get("endedAttempt") == 1 else None)(
-        get(kube, namespace, "SFTJob", "tiny-sft")), 30, "attempt 1 ended")
-    assert restarting["status"]["state"] == "Restarting" and _condition(restarting, "Restarting")["reason"] == "JobDeleted"
-    assert [j.metadata.name for j in jobs(kube, namespace, "tiny-sft")] == [], "a new attempt started while the old pods still run"
-    for pod in first:
-        core.patch_namespaced_pod(pod.metadata.name, namespace, {"metadata": {"finalizers": None}})
+    try:
+        client.BatchV1Api(kube).delete_namespaced_job("tiny-sft-sft-1", namespace, propagation_policy="Background")
+        restarting = wait_for(lambda: (lambda o: o if (o.get("status") or {}).get("endedAttempt") == 1 else None)(
+            get(kube, namespace, "SFTJob", "tiny-sft")), 30, "attempt 1 ended")
+        assert restarting["status"]["state"] == "Restarting" and _condition(restarting, "Restarting")["reason"] == "JobDeleted"
+        wait_for(lambda: all(p.metadata.deletion_timestamp for p in first_pods(kube, namespace, first)), 30, "old pods terminating")
+        assert [j.metadata.name for j in jobs(kube, namespace, "tiny-sft")] == [], "a new attempt started while the old pods still run"
+    finally:
+        for pod in first:
+            try:
+                core.patch_namespaced_pod(pod.metadata.name, namespace, {"metadata": {"finalizers": None}})
+            except client.ApiException:
+                pass  # already gone
     second = running_pods(kube, namespace, "tiny-sft", 2, 2, 60)
     assert {p.metadata.labels["dhad.dev/attempt"] for p in second} == {"2"}
     for pod in second:
         exit_pod(kube, namespace, pod, 0)
     done = wait_state(kube, namespace, "SFTJob", "tiny-sft", "Succeeded", 60)
     assert done["status"]["attempt"] == 2 and done["status"]["disruptions"] == 1 and done["status"].get("restarts", 0) == 0
+
+
+def first_pods(kube, namespace: str, originals: list) -> list:
+    """The original pods as they are now (by name: a reused attempt number would bring new pods of the same labels)."""
+    names = {p.metadata.name for p in originals}
+    return [p for p in pods(kube, namespace, "tiny-sft") if p.metadata.name in names]
