@@ -277,7 +277,7 @@ class Controller:
         kind, namespace, name, uid = obj["kind"], meta["namespace"], meta["name"], meta["uid"]
         jobs = kube.owned("Job", uid)
         pods = [p for j in jobs for p in kube.owned("Pod", j["metadata"]["uid"])]
-        children = {(k, c["metadata"]["name"]) for k in STATIC_KINDS for c in kube.owned(k, uid)}
+        children = {(k, c["metadata"]["name"]) for k in STATIC_KINDS for c in kube.owned(k, uid) if not c["metadata"].get("deletionTimestamp")}
         foreign = {}
         for k in ("Job", *STATIC_KINDS):
             for child in kube.labelled(k, namespace, kind, name):

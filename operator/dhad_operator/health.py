@@ -7,9 +7,9 @@
   gauge says which replica leads.
 - /healthz is 200 unless the replica is wedged: a watch loop has not moved for longer than its own
   read timeout allows, a reconcile has been running far longer than its API calls' timeouts allow,
-  the queue's timer stopped, or the lease loop stopped. A leader that cannot renew is not wedged:
-  its gate shuts and it stands by. The body names what is wrong. Failing it makes the kubelet
-  restart the container.
+  the queue's timer stopped, the lease loop stopped, or a leader could not renew (its gate shut at
+  the renew deadline) and has not reached the Lease for a lease duration since. The body names what
+  is wrong. Failing it makes the kubelet restart the container.
 """
 
 from __future__ import annotations

@@ -51,14 +51,20 @@ class LeaderElector:
         self._lease: dict | None = None  # our last written Lease, for a renewal without a read
         self.leading = False
         self.heartbeat = clock()
+        self._last_ok = clock()  # the last Lease call that succeeded
+        self._lost_renewal = False  # stopped leading because it could not renew
         self._stopped = threading.Event()
 
     def may_write(self) -> bool:
         return self.leading and self._renewed_at is not None and self.clock() < self._renewed_at + self.renew_deadline
 
     def wedged(self) -> list[str]:
+        """For /healthz: the lease loop stopped, or this replica lost the lease because it could not
+        renew and has not reached the Lease since (a restart may help; controller-runtime exits)."""
         if self.clock() - self.heartbeat > 2 * self.duration + 10:
             return ["the lease loop stopped"]
+        if self._lost_renewal and self.clock() - self._last_ok > self.duration:
+            return [f"could not renew the lease, and no Lease call has succeeded for {self.clock() - self._last_ok:.0f} s"]
         return []
 
     def start(self) -> None:
@@ -75,6 +81,7 @@ class LeaderElector:
         """One try to acquire or renew, then the gate's and the callbacks' consequences."""
         try:
             held = self.try_acquire_or_renew()
+            self._last_ok, self._lost_renewal = self.clock(), False
         except (ApiError, OSError) as error:
             log.warning("lease %s/%s: %s", self.namespace, self.name, error)
             held = False
@@ -85,6 +92,7 @@ class LeaderElector:
             self.on_started()
         elif self.leading and not self.may_write():
             self._stop_leading(f"could not renew the lease within {self.renew_deadline:.1f} s")
+            self._lost_renewal = True
 
     def _stop_leading(self, why: str) -> None:
         self.leading = False

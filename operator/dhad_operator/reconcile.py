@@ -71,7 +71,7 @@ class Observed:
     pods: list[dict] = field(default_factory=list)  # pods whose controller is one of those Jobs
     progress: dict | None = None  # the checked progress report (observe.progress_report)
     references: dict[tuple[str, str], dict | None] = field(default_factory=dict)
-    children: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) of our static children
+    children: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) of our static children, not being deleted
     labelled_pods: list[dict] = field(default_factory=list)  # pods labelled for this job, any owner
     foreign: dict[tuple[str, str], Foreign] = field(default_factory=dict)
     rejected: dict[tuple[str, str], Rejection] = field(default_factory=dict)  # from the last try

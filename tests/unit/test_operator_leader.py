@@ -88,7 +88,13 @@ def test_a_leader_that_cannot_renew_shuts_its_gate_by_its_deadline_even_without_
     clock.now += 0.2  # the renewal loop may be stuck: the gate looks at the clock itself
     assert not leader.may_write()
     leader.step()
-    assert not leader.leading
+    assert not leader.leading and leader.wedged() == []  # not yet: it may reach the Lease again
+    clock.now += leader.duration
+    leader.step()
+    assert any("could not renew" in p for p in leader.wedged())  # /healthz fails: a restart may help
+    server.reachable = True
+    leader.step()
+    assert leader.wedged() == [] and leader.leading  # the Lease was still its own
 
 
 def test_a_standby_takes_over_only_a_full_lease_after_the_last_renewal_it_saw():
