@@ -284,7 +284,7 @@ def _observe_attempt(owner, spec, stages, stage, current, pods, observed, plan, 
         _attempt_failed(spec, current, failure, plan, now, generation)
         return
     if (current.get("spec") or {}).get("suspend"):
-        enter(status, State.QUEUED, Reason.QUEUED, f"waiting for Kueue to admit Job {current['metadata']['name']} (queue {spec.queue_name})", now, generation)
+        enter(status, State.QUEUED, Reason.QUEUED, _queued(current["metadata"]["name"], spec), now, generation)
         return
     if not condition_true(status, "Created"):  # a problem creating pods went away
         set_condition(status, "Created", True, Reason.CREATED, f"created Job {current['metadata']['name']}", now, generation)
@@ -432,9 +432,14 @@ def _record_attempt(owner, spec, stage, attempt, plan, started: datetime, now: d
     entry.setdefault("startTime", rfc3339(started))
     set_condition(status, "Created", True, Reason.CREATED, f"created Job {job_name(owner.name, stage, attempt)}", now, generation)
     if spec.queue_name:
-        enter(status, State.QUEUED, Reason.QUEUED, f"Job {job_name(owner.name, stage, attempt)} waits in queue {spec.queue_name}", now, generation)
+        enter(status, State.QUEUED, Reason.QUEUED, _queued(job_name(owner.name, stage, attempt), spec), now, generation)
     elif state_of(status) not in (State.RESTARTING,):
         enter(status, State.PENDING, Reason.CREATED, f"stage {stage}: attempt {attempt} created, waiting for pods", now, generation)
+
+
+def _queued(job: str, spec: JobSpec) -> str:
+    """One message for a queued attempt, so the reconcile after its creation writes nothing new."""
+    return f"waiting for Kueue to admit Job {job} (queue {spec.queue_name})"
 
 
 def _blocked_creates(plan: Plan, observed: Observed) -> tuple[str, str, bool] | None:

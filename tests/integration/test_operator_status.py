@@ -81,6 +81,7 @@ def test_ttl_clean_up_is_announced_once(kube, namespace, dhad_operator):
     apply(kube, namespace, tiny("sft", podTemplate=FINISH, ttlSecondsAfterFinished=3))
     core = client.CoreV1Api(kube)
     # one child is slow to go (a finalizer), and changes while it goes: every event about it reaches the operator
+    wait_for(lambda: core.read_namespaced_config_map("tiny-sft-sft-progress", namespace), 30, "the progress ConfigMap")
     core.patch_namespaced_config_map("tiny-sft-sft-progress", namespace, {"metadata": {"finalizers": ["dhad.test/hold"]}})
     try:
         wait_state(kube, namespace, "SFTJob", "tiny-sft", "Succeeded", 60)

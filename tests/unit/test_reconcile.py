@@ -439,6 +439,7 @@ def test_kueue_queued_job_is_queued_until_admitted():
     assert plan.create[-1]["spec"]["suspend"] is True and plan.status["state"] == "Queued"
     queued = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, suspend=True)], children=ALL))
     assert queued.status["state"] == "Queued" and "team-a" in condition(queued.status, "Queued")["message"]
+    assert queued.status == obj["status"]  # nothing new to write after the creation
     admitted = decide_at(then(obj, queued), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL))
     assert admitted.status["state"] == "Running" and condition(admitted.status, "Queued")["status"] == "False"
 
