@@ -61,6 +61,9 @@ class Reason(StrEnum):
     JOB_DELETED = "JobDeleted"  # the attempt's Job was deleted by someone else: a disruption
     INVALID_REPORT = "InvalidProgressReport"  # the trainer reported values that status cannot hold
     TTL_EXPIRED = "TTLExpired"
+    PLAN_FITS = "PlanFits"  # Planned condition: the per-GPU plan fits the GPU
+    PLAN_EXCEEDS_GPU_MEMORY = "PlanExceedsGPUMemory"
+    PLAN_NOT_CHECKED = "PlanNotChecked"  # architecture or GPU memory unknown
 
 
 EXIT_REASONS = {

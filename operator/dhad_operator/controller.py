@@ -254,7 +254,7 @@ class Controller:
             metrics.RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
         if plan.restart_reason:
             metrics.RESTARTS.labels(kind, plan.restart_reason).inc()
-        metrics.JOB_STATES.set(kind, namespace, name, plan.status.get("state"))
+        metrics.JOB_STATES.set(kind, namespace, name, plan.status.get("state"), plan.status)
         self.queue.forget(key)
         if plan.requeue_after is not None:
             self.queue.add_after(key, plan.requeue_after + 0.05)  # status times are whole seconds

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
+from dhad_api.queueing import kueue_labels
 from dhad_api.reasons import EXIT_REASONS, NO_RETRY, PROGRESS_KEY, ExitCode, Reason
 
 DISRUPTION_POD_REASONS = {"Evicted", "Preempting", "NodeLost", "Shutdown", "NodeShutdown", "Terminated", "UnexpectedAdmissionError"}
@@ -208,6 +209,8 @@ def _slim_job_object(obj: dict) -> dict:
     out = {k: obj[k] for k in ("apiVersion", "kind", "spec", "status") if k in obj}
     out["metadata"] = {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "generation",
                                               "deletionTimestamp", "creationTimestamp") if k in meta}
+    if kueue := kueue_labels(meta.get("labels")):  # copied onto each sub-stage's batch Job
+        out["metadata"]["labels"] = kueue
     return out
 
 

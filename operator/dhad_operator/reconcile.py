@@ -23,15 +23,18 @@ from pydantic import ValidationError
 from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stage_pods, stages_for
 from dhad_api.layout import model_uri, output_root, stage_uri
 from dhad_api.naming import job_name
+from dhad_api.queueing import kueue_labels
 from dhad_api.reasons import Reason
 from dhad_api.references import resolve_models
 from dhad_api.status import State
 from dhad_operator import observe
 from dhad_operator.render import (
+    KUEUE_QUEUE_LABEL,
     LABEL_ATTEMPT,
     LABEL_STAGE,
     Defaults,
     Owner,
+    kueue,
     static_child_names,
     static_children,
     training_job,
@@ -123,7 +126,8 @@ def _field_errors(error: ValidationError) -> str:
 
 def decide(obj: dict, observed: Observed, now: datetime, defaults: Defaults) -> Plan:
     meta = obj["metadata"]
-    owner = Owner(obj["kind"], meta["name"], meta["namespace"], meta["uid"])
+    owner = Owner(obj["kind"], meta["name"], meta["namespace"], meta["uid"],
+                  tuple(sorted(kueue_labels(meta.get("labels")).items())))
     status = copy.deepcopy(obj.get("status") or {})
     generation = meta.get("generation")
     status["observedGeneration"] = generation
@@ -267,9 +271,8 @@ def _observe_attempt(owner, spec, stages, stage, current, pods, observed, plan, 
     if finished == "Complete":
         _stage_done(owner, spec, stages, stage, plan, now, root, generation)
         return
-    failure = None
-    if shape.gang or finished == "Failed":  # independent pods are retried by the Job itself
-        failure = observe.attempt_failure(pods)
+    # a gang ends with its first failed pod; independent pods are retried by the Job, per index
+    failure = observe.attempt_failure(pods) if shape.gang or finished == "Failed" else None
     if failure is None and finished == "Failed":
         failure = observe.Failure(Reason.WORKER_FAILED, f"Job {current['metadata']['name']} failed", True, False)
     if failure is None:
@@ -284,7 +287,7 @@ def _observe_attempt(owner, spec, stages, stage, current, pods, observed, plan, 
         _attempt_failed(spec, current, failure, plan, now, generation)
         return
     if (current.get("spec") or {}).get("suspend"):
-        enter(status, State.QUEUED, Reason.QUEUED, _queued(current["metadata"]["name"], spec), now, generation)
+        enter(status, State.QUEUED, Reason.QUEUED, _queued(owner, spec, current["metadata"]["name"]), now, generation)
         return
     if not condition_true(status, "Created"):  # a problem creating pods went away
         set_condition(status, "Created", True, Reason.CREATED, f"created Job {current['metadata']['name']}", now, generation)
@@ -431,15 +434,15 @@ def _record_attempt(owner, spec, stage, attempt, plan, started: datetime, now: d
     entry.update(attempt=attempt, state=State.PENDING.value)
     entry.setdefault("startTime", rfc3339(started))
     set_condition(status, "Created", True, Reason.CREATED, f"created Job {job_name(owner.name, stage, attempt)}", now, generation)
-    if spec.queue_name:
-        enter(status, State.QUEUED, Reason.QUEUED, _queued(job_name(owner.name, stage, attempt), spec), now, generation)
+    if KUEUE_QUEUE_LABEL in kueue(owner, spec):
+        enter(status, State.QUEUED, Reason.QUEUED, _queued(owner, spec, job_name(owner.name, stage, attempt)), now, generation)
     elif state_of(status) not in (State.RESTARTING,):
         enter(status, State.PENDING, Reason.CREATED, f"stage {stage}: attempt {attempt} created, waiting for pods", now, generation)
 
 
-def _queued(job: str, spec: JobSpec) -> str:
+def _queued(owner: Owner, spec: JobSpec, job: str) -> str:
     """One message for a queued attempt, so the reconcile after its creation writes nothing new."""
-    return f"waiting for Kueue to admit Job {job} (queue {spec.queue_name})"
+    return f"waiting for Kueue to admit Job {job} (queue {kueue(owner, spec).get(KUEUE_QUEUE_LABEL)})"
 
 
 def _blocked_creates(plan: Plan, observed: Observed) -> tuple[str, str, bool] | None:

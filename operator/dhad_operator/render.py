@@ -21,13 +21,15 @@ from dhad_api.jobs import (
     stage_pods,
 )
 from dhad_api.naming import config_map_name, job_name, master_address, service_name
+from dhad_api.outputs import secret_env_refs
+from dhad_api.queueing import QUEUE_NAME_LABEL, kueue_labels
 from dhad_api.reasons import NAMESPACE_ENV, NO_RETRY, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
 
 LABEL_JOB = "dhad.dev/job"
 LABEL_KIND = "dhad.dev/kind"
 LABEL_STAGE = "dhad.dev/stage"
 LABEL_ATTEMPT = "dhad.dev/attempt"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_QUEUE_LABEL = QUEUE_NAME_LABEL
 MASTER_PORT = 29500
 JOB_FILE_DIR = "/etc/dhad"
 JOB_FILE = f"{JOB_FILE_DIR}/job.json"
@@ -41,6 +43,7 @@ class Owner:
     name: str
     namespace: str
     uid: str
+    kueue: tuple[tuple[str, str], ...] = ()  # the job's own Kueue labels (queue-name, priority-class)
 
     @property
     def info(self) -> KindInfo:
@@ -60,6 +63,11 @@ class Defaults:
 
     trainer_image: str = "ghcr.io/dhad/trainer:0.1.0"
     service_account_tokens: bool = True
+
+
+def kueue(owner: Owner, spec: JobSpec) -> dict[str, str]:
+    """The Kueue labels each sub-stage's Job carries: the job's own label, else spec.queueName."""
+    return kueue_labels(dict(owner.kueue), spec.queue_name)
 
 
 def _meta(owner: Owner, name: str, extra_labels: dict | None = None) -> dict:
@@ -145,6 +153,10 @@ def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int, shape: St
     for var, endpoint in _endpoints(spec):
         if endpoint.api_key_secret_ref:
             env.append(_secret_env(var, endpoint.api_key_secret_ref))
+    if spec.hf_token_secret_ref:
+        env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref))
+    for var, ref in secret_env_refs(spec.tracking, spec.output):  # W&B, MLflow and Hub tokens
+        env.append(_secret_env(var, ref))
     for var in spec.env:
         env.append({"name": var.name, "value": var.value} if var.value is not None
                    else {"name": var.name, "valueFrom": {"secretKeyRef": var.value_from.secret_key_ref.model_dump()}})
@@ -224,32 +236,32 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
                 "affinity": _affinity(spec, avoid_nodes or []), "schedulerName": pod.scheduler_name,
                 "priorityClassName": pod.priority_class_name}
     pod_spec.update({k: v for k, v in optional.items() if v})
-    job_labels = dict(labels)
-    if spec.queue_name:
-        job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+    job_labels = {**labels, **kueue(owner, spec)}
     pods = shape.pods
-    job_spec = {
-        "completionMode": "Indexed", "completions": pods, "parallelism": pods,
-        **({"backoffLimit": 0} if shape.gang else _retry_per_index(spec)),
-        # Kueue admits a queued Job by unsuspending it.
-        "suspend": bool(spec.queue_name),
-        "template": {"metadata": {"labels": {**pod.labels, **labels}, "annotations": dict(pod.annotations)},
-                     "spec": pod_spec},
-    }
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": _meta(owner, name, {LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}) | {"labels": job_labels},
-        "spec": job_spec,
+        "spec": {
+            "completionMode": "Indexed", "completions": pods, "parallelism": pods,
+            **({"backoffLimit": 0} if shape.gang else _retry_per_index(spec)),
+            # Kueue admits a queued Job by unsuspending it.
+            "suspend": KUEUE_QUEUE_LABEL in job_labels,
+            "template": {"metadata": {"labels": {**pod.labels, **labels}, "annotations": dict(pod.annotations)},
+                         "spec": pod_spec},
+        },
     }
 
 
 def _retry_per_index(spec: JobSpec) -> dict:
-    """Independent pods: the Job retries a failed index alone (restartPolicy.maxRestarts times); bad
-    config or data fails the whole Job at once; a disruption is not counted."""
+    """Independent pods: the Job retries a failed index alone (restartPolicy.maxRestarts times); the
+    first index out of retries fails the Job (the others wait on its share); bad config or data fails
+    it at once; a disruption is not counted."""
     return {
         "backoffLimitPerIndex": spec.restart_policy.max_restarts,
+        "maxFailedIndexes": 0,
         "podFailurePolicy": {"rules": [
-            {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": sorted(int(c) for c in NO_RETRY)}},
+            {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                  "values": sorted(int(c) for c in NO_RETRY)}},
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]},
     }
