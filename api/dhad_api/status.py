@@ -28,7 +28,7 @@ class State(StrEnum):
 class Condition(DhadModel):
     """A metav1.Condition."""
 
-    type: Annotated[str, StringConstraints(max_length=64)] = Field(description="type is the condition type: Created, Queued, Suspended, Running, Restarting, Succeeded, Failed, Unschedulable.")
+    type: Annotated[str, StringConstraints(max_length=64)] = Field(description="type is the condition type: Created, Queued, Suspended, Running, Restarting, Succeeded, Failed, Unschedulable, Planned (the memory plan: True fits, False exceeds the GPU, Unknown not checked).")
     status: Annotated[str, StringConstraints(pattern=r"^(True|False|Unknown)$")] = Field(description="status is True, False or Unknown.")
     reason: Annotated[str, StringConstraints(max_length=128)] = Field("", description="reason is a CamelCase machine-readable cause (constants in dhad_api.reasons).")
     message: Message = Field("", description="message says what happened, for people.")

@@ -154,6 +154,19 @@ class WorkQueue:
                 self.add(key)
 
 
+class CachedSpecs:
+    """(kind, name) -> the spec of that job in one namespace, read from the cache when asked (a fromJob
+    chain is followed only as far as the plan needs)."""
+
+    def __init__(self, kube: Kube, namespace: str):
+        self.kube, self.namespace = kube, namespace
+
+    def get(self, key: tuple[str, str], default=None):
+        kind, name = key
+        obj = self.kube.cached(kind, self.namespace, name) if kind in JOB_KINDS else None
+        return obj.get("spec") if obj else default
+
+
 class Controller:
     """Reconciles jobs from the caches: observe -> decide -> execute, one key at a time."""
 
@@ -288,8 +301,10 @@ class Controller:
         spec = self._spec(obj)
         refs = {(k, n): kube.cached(k, namespace, n) for k, n in references(spec)} if spec is not None else {}
         errors = {j["metadata"]["uid"]: message for j in jobs if (message := kube.pod_create_errors(j["metadata"]["uid"]))}
+        planning = not (obj.get("status") or {}).get("startTime")  # Planned is checked until the job starts
         return Observed(jobs=jobs, pods=pods, progress=progress, references=refs, children=children,
-                        labelled_pods=kube.labelled("Pod", namespace, kind, name), foreign=foreign, pod_errors=errors)
+                        labelled_pods=kube.labelled("Pod", namespace, kind, name), foreign=foreign, pod_errors=errors,
+                        nodes=kube.node_labels() if planning else [], job_specs=CachedSpecs(kube, namespace))
 
     def _owner_gone(self, child: dict) -> bool:
         """True when the child's controller is a Dhad job that no longer exists (the GC will remove it)."""

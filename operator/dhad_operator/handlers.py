@@ -45,8 +45,8 @@ class Router:
 
     def on_change(self, kind: str, old: dict | None, new: dict | None, ours: bool = False) -> None:
         """`ours`: the change is our own write's answer; it wakes only jobs that wait for this one."""
-        if observe.same(old, new):
-            return
+        if kind == "Node" or observe.same(old, new):
+            return  # nodes only feed the Planned condition of jobs that are reconciled anyway
         if ours:
             if kind in JOB_KINDS and (old or {}).get("status") != new.get("status"):
                 self._wake_referrers(new)

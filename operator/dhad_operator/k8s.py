@@ -67,11 +67,14 @@ RESOURCES: dict[str, Resource] = {
     "RoleBinding": Resource("RoleBinding", "rbac.authorization.k8s.io/v1", "rolebindings"),
     "Event": Resource("Event", "v1", "events"),
     "Lease": Resource("Lease", "coordination.k8s.io/v1", "leases"),
+    "Node": Resource("Node", "v1", "nodes"),
 }
 CHILD_KINDS = ("Job", "Pod", "ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding")
 CHILD_SELECTOR = {"labelSelector": f"{LABEL_JOB},{LABEL_KIND}"}
 # The Job controller's "cannot create pods" events (Pod Security, quota): how admission errors reach the job.
 POD_CREATE_EVENTS = {"fieldSelector": "involvedObject.kind=Job,reason=FailedCreate"}
+# GPU nodes (GPU feature discovery's label): their labels give the Planned condition the GPU's memory.
+GPU_NODES = {"labelSelector": "nvidia.com/gpu.present=true"}
 
 
 class ApiError(Exception):
@@ -381,6 +384,7 @@ class Kube:
         self.may_write = may_write
         self.stores = {kind: Store(kind) for kind in (*JOB_KINDS, *CHILD_KINDS)}
         self.stores["Event"] = Store("Event", owner_of=lambda e: (e.get("involvedObject") or {}).get("uid"))
+        self.stores["Node"] = Store("Node", owner_of=lambda n: None)
         self.informers: list[Informer] = []
         self._on_change = None
         self._writers = ThreadPoolExecutor(write_threads, thread_name_prefix="dhad-write")
@@ -403,6 +407,9 @@ class Kube:
             for namespace in scopes:
                 self.informers.append(Informer(self.rest, RESOURCES[kind], self.stores[kind], namespace, selector, on_change,
                                                optional=kind == "Event"))
+        # Nodes are cluster-wide; optional like Events: without the permission the plan uses plan.gpuMemory
+        # or the nodeSelector's GPU product, else says Unknown.
+        self.informers.append(Informer(self.rest, RESOURCES["Node"], self.stores["Node"], None, GPU_NODES, on_change, optional=True))
         for informer in self.informers:
             informer.start()
 
@@ -427,6 +434,10 @@ class Kube:
 
     def labelled(self, kind: str, namespace: str, job_kind: str, job: str) -> list[dict]:
         return self.stores[kind].labelled(namespace, job_kind, job)
+
+    def node_labels(self) -> list[dict[str, str]]:
+        """The labels of every GPU node, from the cache."""
+        return [n["metadata"].get("labels") or {} for n in self.stores["Node"].all()]
 
     def pod_create_errors(self, job_uid: str) -> str | None:
         """The Job controller's latest FailedCreate message for a Job."""

@@ -217,10 +217,18 @@ def _slim_job_object(obj: dict) -> dict:
 SLIMMERS = {"Pod": _slim_pod, "Job": _slim_job, "ConfigMap": _slim_config_map, "Event": _slim_event}
 
 
+def _slim_node(node: dict) -> dict:
+    """A node: its name and every label (a job's nodeSelector may name any of them)."""
+    meta = node.get("metadata") or {}
+    return {"kind": "Node", "metadata": {k: meta[k] for k in ("name", "uid", "resourceVersion", "labels") if meta.get(k)}}
+
+
 def slim(kind: str, obj: dict, job_kinds: frozenset[str] = frozenset()) -> dict:
     """The cached form of an API object of `kind` (see the module docstring)."""
     if kind in job_kinds:
         return _slim_job_object(obj)
+    if kind == "Node":
+        return _slim_node(obj)
     body = SLIMMERS.get(kind, lambda _: {})(obj)
     return {"kind": kind, "metadata": _meta(obj), **body}
 

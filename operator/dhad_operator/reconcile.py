@@ -17,12 +17,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from pydantic import ValidationError
 
 from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stage_pods, stages_for
 from dhad_api.layout import model_uri, output_root, stage_uri
 from dhad_api.naming import job_name
+from dhad_api.plan import PlanVerdict, planned_condition
 from dhad_api.queueing import kueue_labels
 from dhad_api.reasons import Reason
 from dhad_api.references import resolve_models
@@ -79,6 +81,8 @@ class Observed:
     foreign: dict[tuple[str, str], Foreign] = field(default_factory=dict)
     rejected: dict[tuple[str, str], Rejection] = field(default_factory=dict)  # from the last try
     pod_errors: dict[str, str] = field(default_factory=dict)  # Job UID -> the Job controller's FailedCreate
+    nodes: list[dict[str, str]] = field(default_factory=list)  # the labels of the cluster's GPU nodes (Planned)
+    job_specs: Any = field(default_factory=dict)  # .get((kind, name)) -> the spec of a job in the namespace (fromJob)
 
 
 @dataclass
@@ -142,6 +146,8 @@ def decide(obj: dict, observed: Observed, now: datetime, defaults: Defaults) -> 
     except ValidationError as error:
         _fail(plan, Reason.INVALID_SPEC, _field_errors(error), now, generation)
         return _fitted(plan, now, generation)
+    if not status.get("startTime") and _refused_by_plan(owner, spec, observed, plan, now, generation):
+        return _fitted(plan, now, generation)
     _plan_attempts(owner, spec, observed, now, defaults, plan, generation)
     blocked = _blocked_creates(plan, observed)
     if blocked:  # decide again from the stored status: nothing this plan recorded about new children holds
@@ -153,6 +159,20 @@ def decide(obj: dict, observed: Observed, now: datetime, defaults: Defaults) -> 
         else:
             _pending(plan, reason, message, now, generation)
     return _fitted(plan, now, generation)
+
+
+def _refused_by_plan(owner: Owner, spec: JobSpec, observed: Observed, plan: Plan, now: datetime, generation) -> bool:
+    """The Planned condition, until the job starts: its per-GPU memory plan against the GPU its pods
+    get (plan.gpuMemory, the matching nodes' labels, or the nodeSelector's product). A plan known not
+    to fit fails the job before any child exists (unless plan.enforce is false); unknown is reported."""
+    try:
+        verdict = planned_condition(owner.kind, spec, nodes=observed.nodes, lookup=lambda kind, name: observed.job_specs.get((kind, name)))
+    except ValueError as error:  # a referenced job's spec that does not validate: its own job reports it
+        verdict = PlanVerdict("Unknown", Reason.PLAN_NOT_CHECKED, f"not planned: {str(error)[:500]}", False)
+    set_condition(plan.status, "Planned", verdict.status, verdict.reason, verdict.message, now, generation)
+    if verdict.refuse:
+        _fail(plan, Reason.PLAN_EXCEEDS_GPU_MEMORY, verdict.message, now, generation)
+    return verdict.refuse
 
 
 def _plan_attempts(owner: Owner, spec: JobSpec, observed: Observed, now: datetime, defaults: Defaults, plan: Plan, generation) -> None:

@@ -20,11 +20,17 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def set_condition(status: dict, type_: str, true: bool, reason: str, message: str, now: datetime,
+def set_condition(status: dict, type_: str, true: bool | str, reason: str, message: str, now: datetime,
                   generation: int | None = None) -> None:
-    """Sets one condition; lastTransitionTime changes only when the status flips."""
+    """Sets one condition; lastTransitionTime changes only when the status flips. `true` is a bool, or
+    "True", "False" or "Unknown" as metav1.Condition spells it (a string is always recorded)."""
     conditions = status.setdefault("conditions", [])
-    value = "True" if true else "False"
+    if isinstance(true, str):
+        if true not in ("True", "False", "Unknown"):
+            raise ValueError(f"condition status {true!r}: True, False or Unknown")
+        value, record = true, True
+    else:
+        value, record = ("True" if true else "False"), true or type_ == "Created"
     for condition in conditions:
         if condition["type"] == type_:
             if condition["status"] != value:
@@ -33,7 +39,7 @@ def set_condition(status: dict, type_: str, true: bool, reason: str, message: st
             if generation is not None:
                 condition["observedGeneration"] = generation
             return
-    if not true and type_ != "Created":
+    if not record:
         return  # an absent condition already means False
     conditions.append({"type": type_, "status": value, "reason": reason, "message": message[:4000],
                        "lastTransitionTime": rfc3339(now), **({"observedGeneration": generation} if generation is not None else {})})

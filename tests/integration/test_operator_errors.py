@@ -1,6 +1,6 @@
 """Errors reach the job (issue 15 item 6): a child the apiserver rejects, or pods that admission
 refuses, end in a condition with the apiserver's own message and an event, not a retry loop in the
-operator's log."""
+operator's log. And a job whose memory plan cannot fit the nodes' GPUs fails before any child exists."""
 
 from __future__ import annotations
 
@@ -39,3 +39,19 @@ def test_pods_refused_by_pod_security_fail_the_job_with_the_admission_message(ku
     assert "violates PodSecurity" in condition["message"] and "IPC_LOCK" in condition["message"]
     wait_for(lambda: _events(kube, namespace, "tiny-sft", "PodsRejected"), 30, "a PodsRejected event")
     wait_for(lambda: not [j for j in jobs(kube, namespace, "tiny-sft") if not j.metadata.deletion_timestamp], 30, "the Job removed")
+
+
+def test_a_plan_that_exceeds_the_nodes_gpu_memory_fails_the_job_before_any_child(kube, namespace, dhad_operator):
+    # the kwok GPU nodes carry GPU feature discovery's labels of an H100 80GB; full fine-tuning of a 7B
+    # model with ddp needs about 113 GiB per GPU
+    apply(kube, namespace, tiny("sft", model={"uri": "hf://meta-llama/Llama-2-7b-hf"}, resources={"nodes": 1, "gpusPerNode": 8}))
+    failed = wait_state(kube, namespace, "SFTJob", "tiny-sft", "Failed", 30)
+    conditions = {c["type"]: c for c in failed["status"]["conditions"]}
+    assert conditions["Planned"]["status"] == "False" and conditions["Planned"]["reason"] == "PlanExceedsGPUMemory"
+    assert "more than the 79.6 GiB of one NVIDIA-H100-80GB-HBM3" in conditions["Planned"]["message"]
+    assert conditions["Failed"]["reason"] == "PlanExceedsGPUMemory"
+    core = client.CoreV1Api(kube)
+    assert not jobs(kube, namespace, "tiny-sft")
+    assert not core.list_namespaced_config_map(namespace, label_selector="dhad.dev/job=tiny-sft").items
+    (event,) = wait_for(lambda: _events(kube, namespace, "tiny-sft", "PlanExceedsGPUMemory"), 30, "a PlanExceedsGPUMemory event")
+    assert event.type == "Warning"

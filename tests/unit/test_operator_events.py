@@ -14,7 +14,7 @@ from dhad_operator import observe
 from dhad_operator.controller import Controller
 from dhad_operator.handlers import Router, model_references
 from dhad_operator.k8s import JOB_KINDS, Kube
-from dhad_operator.reconcile import decide
+from dhad_operator.reconcile import Observed, decide
 from dhad_operator.render import Defaults, Owner, static_children, training_job
 from tests.unit.test_reconcile import job_obj
 
@@ -223,3 +223,28 @@ def test_a_waiting_job_is_woken_by_the_job_it_references():
     deliver(kube, router, pretrain)
     assert ("SFTJob", "ml", "waits") in recorder.added
     assert model_references(waiting["spec"]) == {("PretrainJob", "tiny-pretrain")}
+
+
+def test_a_node_event_wakes_nothing_and_the_cache_keeps_its_labels_for_the_plan():
+    kube, controller, router, recorder = loaded()
+    before = plan_now(kube, controller)
+    node = {"kind": "Node", "apiVersion": "v1", "metadata": {
+        "name": "gpu-node-0", "uid": "uid-node-0", "resourceVersion": "700", "managedFields": [{"manager": "kubelet"}],
+        "labels": {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.memory": "16384", "pool": "small"}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"nvidia.com/gpu": "8"}}}
+    deliver(kube, router, node)
+    assert recorder.added == [] and plan_now(kube, controller) == before  # a started job is not re-planned
+    assert kube.node_labels() == [node["metadata"]["labels"]]
+    assert kube.stores["Node"].all() == [{"kind": "Node", "metadata": {k: node["metadata"][k] for k in ("name", "uid", "resourceVersion", "labels")}}]
+
+
+def test_the_cached_job_keeps_its_kueue_labels_which_its_batch_jobs_carry():
+    cr, _ = world()
+    cr["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a", "kueue.x-k8s.io/priority-class": "high", "team": "nlp"}
+    cached = observe.slim("SFTJob", cr, JOB_KINDS)
+    assert cached["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "team-a", "kueue.x-k8s.io/priority-class": "high"}
+    cached["status"] = {}  # not started: the first reconcile creates attempt 1
+    plan = decide(cached, Observed(), NOW, Defaults())
+    job = next(c for c in plan.create if c["kind"] == "Job")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"

@@ -641,3 +641,46 @@ def test_a_complete_prepare_job_starts_the_pretrain_gang():
     assert plan.status["stage"] == "pretrain"
     assert [c["metadata"]["name"] for c in plan.create] == ["tiny-sft-pt-1"]
     assert plan.create[0]["spec"]["backoffLimit"] == 0 and plan.create[0]["spec"]["completions"] == 2
+
+
+SMALL, HUGE = {"pool": "small", "nvidia.com/gpu.memory": "16384"}, {"pool": "huge", "nvidia.com/gpu.memory": str(10 * 1024 * 1024)}
+LLAMA_7B = {"uri": "hf://meta-llama/Llama-2-7b-hf"}  # full fine-tuning, ddp on one GPU: about 113 GiB per GPU
+
+
+@pytest.mark.parametrize(("changes", "nodes", "specs", "planned", "reason", "failed"), [
+    ({}, [SMALL], {}, "Unknown", "PlanNotChecked", False),  # a CPU job: nothing to plan
+    ({"model": {"uri": BASE}, "resources": {"nodes": 1, "gpusPerNode": 1}}, [SMALL], {}, "Unknown", "PlanNotChecked", False),
+    ({"model": LLAMA_7B, "resources": {"nodes": 1, "gpusPerNode": 1}}, [], {}, "Unknown", "PlanNotChecked", False),
+    ({"model": LLAMA_7B, "resources": {"nodes": 1, "gpusPerNode": 1}}, [SMALL, HUGE], {}, "False", "PlanExceedsGPUMemory", True),
+    ({"model": LLAMA_7B, "resources": {"nodes": 1, "gpusPerNode": 1}, "podTemplate": {"nodeSelector": {"pool": "huge"}}},
+     [SMALL, HUGE], {}, "True", "PlanFits", False),
+    ({"model": LLAMA_7B, "resources": {"nodes": 1, "gpusPerNode": 1}, "plan": {"enforce": False}}, [SMALL], {}, "False", "PlanExceedsGPUMemory", False),
+    ({"model": LLAMA_7B, "resources": {"nodes": 1, "gpusPerNode": 1}, "plan": {"gpuMemory": "10Ti"}}, [SMALL], {}, "True", "PlanFits", False),
+    # through model.fromJob: the referenced job's spec, from the cache, names the architecture
+    ({"model": {"fromJob": {"kind": "PretrainJob", "name": "base"}}, "resources": {"nodes": 1, "gpusPerNode": 1}}, [SMALL],
+     {("PretrainJob", "base"): job_obj("pretrain", model=LLAMA_7B)["spec"]}, "False", "PlanExceedsGPUMemory", True),
+    ({"model": {"fromJob": {"kind": "PretrainJob", "name": "base"}}, "resources": {"nodes": 1, "gpusPerNode": 1}}, [SMALL],
+     {("PretrainJob", "base"): {"model": "not a spec"}}, "Unknown", "PlanNotChecked", False),
+], ids=["cpu", "unknown-architecture", "unknown-gpu", "smallest-node-too-small", "node-selector-picks-a-big-gpu",
+        "not-enforced", "gpu-memory-set", "from-job-too-big", "from-job-invalid"])
+def test_the_planned_condition_refuses_a_job_that_cannot_fit_before_any_child_exists(changes, nodes, specs, planned, reason, failed):
+    obj = job_obj("sft", **changes)
+    plan = decide_at(obj, Observed(nodes=nodes, job_specs=specs))
+    assert condition(plan.status, "Planned")["status"] == planned, condition(plan.status, "Planned")
+    assert condition(plan.status, "Planned")["reason"] == reason
+    if failed:
+        assert plan.status["state"] == "Failed" and condition(plan.status, "Failed")["reason"] == "PlanExceedsGPUMemory"
+        assert plan.create == [] and ("Warning", "PlanExceedsGPUMemory", condition(plan.status, "Planned")["message"]) in plan.events
+        assert "more than the 16.0 GiB" in condition(plan.status, "Planned")["message"]
+    else:
+        assert plan.status["state"] != "Failed"
+        waits_for_reference = "fromJob" in changes.get("model", {})  # the referenced job is not in observed.references
+        assert any(c["kind"] == "Job" for c in plan.create) != waits_for_reference
+
+
+def test_the_plan_is_checked_until_the_job_starts_and_not_after():
+    obj, plan = started("sft", model=LLAMA_7B, resources={"nodes": 1, "gpusPerNode": 1})
+    assert plan.status.get("startTime") and condition(plan.status, "Planned")["status"] == "Unknown"
+    later = decide_at(obj, Observed(nodes=[SMALL], children=ALL, jobs=[k8s_job("sft", 1)]))
+    assert later.status["state"] != "Failed"  # a started job is never refused by a plan (nodes came later)
+    assert condition(later.status, "Planned")["status"] == "Unknown"
