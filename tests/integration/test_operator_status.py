@@ -49,7 +49,7 @@ def test_the_next_sub_stage_does_not_show_the_previous_ones_progress(kube, names
     sft["spec"]["respond"] = {"prompts": [{"uri": "s3://dhad-demo/data/arabic_prompts.jsonl", "schema": "prompt-completion"}],
                               "teacher": {"endpoint": {"baseUrl": "https://teacher.example/v1", "model": "teacher-large"}}}
     apply(kube, namespace, sft)
-    respond = running_pods(kube, namespace, "tiny-sft", 1, 2)
+    respond = running_pods(kube, namespace, "tiny-sft", 1, 1)  # respond: one pod (rank 0 answers; stage_pods)
     report(kube, namespace, "tiny-sft-sft-progress", stage="respond", step=10, totalSteps=10, updatedAt="2026-01-01T00:00:00Z")
     wait_for(lambda: ((get(kube, namespace, "SFTJob", "tiny-sft")["status"].get("progress") or {}).get("percent") == 100), 30, "respond at 100%")
     for pod in respond:
