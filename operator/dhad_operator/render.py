@@ -114,17 +114,24 @@ def progress_objects(owner: Owner) -> list[dict]:
 
 
 def static_children(owner: Owner, spec: JobSpec, resolved: dict) -> list[dict]:
-    """Everything but the Jobs, in creation order (the Service first)."""
+    """Everything but the Jobs (none depends on another: they are created together)."""
     return [headless_service(owner), job_config_map(owner, spec, resolved), *progress_objects(owner)]
+
+
+def static_child_names(owner: Owner) -> list[tuple[str, str]]:
+    """(kind, name) of static_children, without rendering them (checked on every reconcile)."""
+    code, trainer = owner.info.code, trainer_service_account_name(owner)
+    return [("Service", service_name(owner.name, code)), ("ConfigMap", config_map_name(owner.name, code)),
+            ("ConfigMap", progress_config_map_name(owner)), ("ServiceAccount", trainer), ("Role", trainer), ("RoleBinding", trainer)]
 
 
 def _secret_env(name: str, ref) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
-def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int) -> list[dict]:
+def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int, shape: StagePods | None = None) -> list[dict]:
     storage = spec.storage
-    shape = stage_pods(owner.kind, spec, stage)
+    shape = shape or stage_pods(owner.kind, spec, stage)
     env = [
         {"name": "MASTER_ADDR", "value": master_address(owner.name, owner.info.code, stage, attempt)},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
@@ -213,7 +220,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
             "name": "trainer",
             "image": spec.image or defaults.trainer_image,
             "command": ["python", "-m", "dhad_trainer", "launch", JOB_FILE],
-            "env": trainer_env(owner, spec, stage, attempt),
+            "env": trainer_env(owner, spec, stage, attempt, shape),
             "resources": _resources(spec, shape),
             "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
             "volumeMounts": [{"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},

@@ -38,9 +38,10 @@ EXPECTED = (
     | {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
     | {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
     | {("", "namespaces", v) for v in ("list", "watch")}
+    | {("", "nodes", v) for v in ("list", "watch")}
 )
 LEASE_VERBS = {"create", "get", "update"}
-CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces"}
+CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces", "nodes"}
 
 
 def helm(cp, home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -175,7 +176,7 @@ def test_operator_can_create_the_per_job_progress_role_without_escalate(installe
     ("update", "apiextensions.k8s.io", "customresourcedefinitions", ""),
     ("create", "coordination.k8s.io", "leases", OTHER), ("escalate", "rbac.authorization.k8s.io", "roles", OTHER),
     ("bind", "rbac.authorization.k8s.io", "roles", OTHER), ("create", "rbac.authorization.k8s.io", "clusterroles", ""),
-    ("create", "rbac.authorization.k8s.io", "clusterrolebindings", ""), ("list", "", "nodes", ""),
+    ("create", "rbac.authorization.k8s.io", "clusterrolebindings", ""), ("patch", "", "nodes", ""),
     ("impersonate", "", "serviceaccounts", OTHER), ("create", "", "serviceaccounts/token", OTHER),
 ])
 def test_operator_cannot(installed, kube, verb, group, resource, where):
