@@ -12,7 +12,7 @@ import kopf
 from kubernetes import client, config
 
 from dhad_operator import metrics
-from dhad_operator.config import Settings
+from dhad_operator.config import Settings, log_level
 from dhad_operator.controller import Controller
 from dhad_operator.health import HEALTH
 from dhad_operator.k8s import Kube
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     namespaces = args.namespace or [n for n in os.environ.get("DHAD_WATCH_NAMESPACES", "").split(",") if n]
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
+    logging.basicConfig(level=log_level(args.log_level), handlers=[handler], force=True)
     settings = Settings.from_env()
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_address)
     HEALTH.serve(args.liveness)
     api = api_client()
     if settings.leader_election:

@@ -21,7 +21,15 @@ from dhad_api.reasons import Reason
 from dhad_api.references import resolve_models
 from dhad_api.status import State
 from dhad_operator import observe
-from dhad_operator.render import LABEL_ATTEMPT, LABEL_STAGE, Defaults, Owner, static_children, training_job
+from dhad_operator.render import (
+    LABEL_ATTEMPT,
+    LABEL_STAGE,
+    Defaults,
+    Owner,
+    refused_pod_fields,
+    static_children,
+    training_job,
+)
 from dhad_operator.status import enter, rfc3339, set_condition, state_of
 
 
@@ -83,6 +91,10 @@ def decide(obj: dict, observed: Observed, now: datetime, defaults: Defaults) -> 
         spec = parse_spec(owner.kind, obj["spec"])
     except ValidationError as error:
         _fail(plan, Reason.INVALID_SPEC, _field_errors(error), now, generation)
+        return plan
+    refused = refused_pod_fields(spec, defaults)
+    if refused:
+        _fail(plan, Reason.INVALID_SPEC, refused, now, generation)
         return plan
     root = output_root(spec.storage, owner.namespace, owner.name, owner.uid)
     resolved, waiting = resolve_models(spec, observed.references)
@@ -283,7 +295,7 @@ def _next_attempt(owner, spec, stage, ours, plan, now, defaults, resolved, obser
         plan.requeue_after = (after - now).total_seconds()
         return
     attempt += 1
-    plan.create += static_children(owner, spec, resolved) if not observed.children_exist else []
+    plan.create += static_children(owner, spec, resolved, defaults) if not observed.children_exist else []
     plan.create.append(training_job(owner, spec, stage, attempt, defaults, status.get("failedNodes") or []))
     status.update(attempt=attempt, attemptStartTime=rfc3339(now), checkpointAtAttemptStart=status.get("lastCheckpoint"))
     status.setdefault("startTime", rfc3339(now))
