@@ -8,7 +8,7 @@ import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StrictBool, StringConstraints
 
 from dhad_api.base import DhadModel, Rule, RuledModel
 
@@ -361,10 +361,10 @@ class SecurityContext(DhadModel):
     run_as_user: int | None = Field(None, ge=1, le=2147483647, description="runAsUser is the trainer's uid, never 0 (runAsNonRoot stays true). Empty means the image's user.")
     run_as_group: int | None = Field(None, ge=0, le=2147483647, description="runAsGroup is the trainer's primary gid. Empty means the image's group.")
     fs_group: int | None = Field(None, ge=0, le=2147483647, description="fsGroup is the pod's fsGroup, so volumes such as a work volume claim are writable. Empty means none.")
-    read_only_root_filesystem: bool | None = Field(
+    read_only_root_filesystem: StrictBool | None = Field(
         None, description="readOnlyRootFilesystem makes the image read-only; /tmp and the work volume stay writable. Empty means false."
     )
-    privileged: bool | None = Field(
+    privileged: StrictBool | None = Field(
         None, description="privileged runs the container privileged; refused unless the operator's platform switch "
         "(Helm value trainer.allowPrivileged) allows it. Empty means false.",
     )
@@ -400,11 +400,11 @@ class PodOverrides(RuledModel):
         None, description="securityContext fields are merged onto the restricted defaults, never replacing them "
         "(for RDMA/InfiniBand: capabilities.add [IPC_LOCK]). Empty means the restricted defaults alone.",
     )
-    host_network: bool = Field(
+    host_network: StrictBool = Field(
         False, description="hostNetwork puts pods in the node's network namespace (some RDMA setups); refused unless "
         "the operator's platform switch (Helm value trainer.allowPrivileged) allows it. Default false.",
     )
-    host_ipc: bool = Field(
+    host_ipc: StrictBool = Field(
         False, alias="hostIPC", description="hostIPC puts pods in the node's IPC namespace; refused unless the operator's platform switch "
         "(Helm value trainer.allowPrivileged) allows it. Default false.",
     )
