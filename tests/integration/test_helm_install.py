@@ -89,7 +89,7 @@ def install(control_plane, kube, crds_installed, gpu_nodes, node_agent, s3_serve
         inst.helm("install", RELEASE, str(CHART),
                   # what this environment needs, nothing else: the operator's pods on the node agent's nodes,
                   # which share one network namespace, and the environment's S3 server for jobs
-                  "--set", "nodeSelector.dhad\\.test/agent=true", "--set", "listenOnPodIP=true",
+                  "--set-string", "nodeSelector.dhad\\.test/agent=true", "--set", "listenOnPodIP=true",
                   "--set", f"storage.endpoint={s3_server.url}", "--set", "storage.secretName=dhad-s3")
         yield inst
     finally:
