@@ -141,6 +141,17 @@ def test_privileged_pod_fields_are_refused_by_the_default_platform_switch(instal
     assert not client.BatchV1Api(kube).list_namespaced_job(install.jobs, label_selector="dhad.dev/job=wants-host-network").items
 
 
+def test_a_finished_jobs_children_go_when_its_ttl_passes(install, kube):
+    apply(kube, install.jobs, tiny("sft", resources=ONE_GPU, podTemplate=FINISH, ttlSecondsAfterFinished=1), "with-ttl")
+    wait_state(kube, install.jobs, "SFTJob", "with-ttl", "Succeeded", 90)
+    core, selector = client.CoreV1Api(kube), "dhad.dev/job=with-ttl"
+    wait_for(lambda: not client.BatchV1Api(kube).list_namespaced_job(install.jobs, label_selector=selector).items
+             and not core.list_namespaced_config_map(install.jobs, label_selector=selector).items
+             and not core.list_namespaced_service_account(install.jobs, label_selector=selector).items,
+             60, "the TTL removed the children")
+    assert get(kube, install.jobs, "SFTJob", "with-ttl")["status"]["state"] == "Succeeded"  # the job object stays
+
+
 def test_helm_upgrade_wait_with_changed_values_rolls_out_and_the_new_operator_serves(install, kube):
     before = {p.metadata.name for p in install.operator_pods()}
     role = "arn:aws:iam::123456789012:role/dhad-trainer"
@@ -150,16 +161,12 @@ def test_helm_upgrade_wait_with_changed_values_rolls_out_and_the_new_operator_se
     assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{install.logs()}"
     after = install.operator_pods()
     assert len(after) == 2 and all(_ready(p) for p in after) and not before & {p.metadata.name for p in after}
-    # the new operator reconciles: a job applied now runs, its ServiceAccount has the new annotation, and
-    # its children go when its TTL passes
-    apply(kube, install.jobs, tiny("sft", resources=ONE_GPU, podTemplate=FINISH, ttlSecondsAfterFinished=1), "after-upgrade")
-    core = client.CoreV1Api(kube)
-    sa = wait_for(lambda: core.read_namespaced_service_account("after-upgrade-sft-trainer", install.jobs), 60, "the job's SA")
+    # the new operator reconciles: a job applied now succeeds and its ServiceAccount has the new annotation
+    apply(kube, install.jobs, tiny("sft", resources=ONE_GPU, podTemplate=FINISH), "after-upgrade")
+    sa = wait_for(lambda: client.CoreV1Api(kube).read_namespaced_service_account("after-upgrade-sft-trainer", install.jobs),
+                  60, "the job's ServiceAccount")
     assert sa.metadata.annotations == {"eks.amazonaws.com/role-arn": role}
     wait_state(kube, install.jobs, "SFTJob", "after-upgrade", "Succeeded", 90)
-    wait_for(lambda: not client.BatchV1Api(kube).list_namespaced_job(install.jobs, label_selector="dhad.dev/job=after-upgrade").items
-             and not core.list_namespaced_config_map(install.jobs, label_selector="dhad.dev/job=after-upgrade").items,
-             60, "the TTL removed the children")
     logs = "\n".join(install.agent.pod_log(install.namespace, p.metadata.name) for p in after)
     assert '"level": "DEBUG"' in logs, logs[-3000:]  # logLevel=DEBUG (upper case) honoured; the install's was "info"
 
@@ -174,7 +181,7 @@ def test_deleting_the_leader_pod_hands_over_within_the_lease_duration(install, k
     took = time.monotonic() - deleted
     running_pods(kube, install.jobs, "during-failover", 1, 1, 60)
     assert took <= LEASE_SECONDS + 1, f"the standby took over after {took:.1f} s (lease {LEASE_SECONDS} s)"
-    assert successor in {p.metadata.name for p in install.operator_pods() if _ready(p)}
+    wait_for(lambda: successor in {p.metadata.name for p in install.operator_pods() if _ready(p)}, 30, "the new leader Ready")
     patch_spec(kube, install.jobs, "SFTJob", "during-failover", {"suspend": True})  # its Job is deleted
     wait_state(kube, install.jobs, "SFTJob", "during-failover", "Suspended", 60)
 
@@ -187,16 +194,23 @@ def test_cluster_role_grants_exactly_the_calls_the_operator_made(install, kube):
     denied = sorted({(e.call, e.namespace, e.name) for e in events if e.code == 403})
     granted = audit.expand(audit.granted_rules(kube, install.namespace, RELEASE))
     difference = audit.compare({e.call for e in events}, granted, CHECKED_BY_ADMISSION)
-    assert (denied, difference) == ([], {"unused": [], "ungranted": []})
+    report = "\n".join(f"{what}: {group or 'core'} {resource} {verb}" for what, calls in difference.items()
+                       for group, resource, verb in calls)
+    assert (denied, difference) == ([], {"unused": [], "ungranted": []}), f"denied: {denied}\n{report}"
 
 
 def test_helm_uninstall_leaves_the_crds_and_the_users_jobs(install, kube):
+    custom = client.CustomObjectsApi(kube)
+    before = {j["metadata"]["name"]: j.get("status", {}).get("state")
+              for j in custom.list_namespaced_custom_object("dhad.dev", "v1alpha1", install.jobs, "sftjobs")["items"]}
+    assert before.get("tiny-sft") == "Succeeded", before
     install.helm("uninstall", RELEASE, "--wait")
     wait_for(lambda: not install.operator_pods(), 60, "the operator's pods gone")
     ext = client.ApiextensionsV1Api(kube)
     assert {f"{i.plural}.dhad.dev" for i in KINDS.values()} <= {c.metadata.name for c in ext.list_custom_resource_definition().items}
-    for name, state in (("tiny-sft", "Succeeded"), ("after-upgrade", "Succeeded"), ("during-failover", "Suspended")):
-        assert (get(kube, install.jobs, "SFTJob", name).get("status") or {}).get("state") == state, name
+    after = {j["metadata"]["name"]: j.get("status", {}).get("state")
+             for j in custom.list_namespaced_custom_object("dhad.dev", "v1alpha1", install.jobs, "sftjobs")["items"]}
+    assert after == before
     core = client.CoreV1Api(kube)
     assert core.read_namespaced_config_map("tiny-sft-sft-spec", install.jobs)  # a job's children stay with it
     assert not client.RbacAuthorizationV1Api(kube).list_cluster_role(label_selector=f"app.kubernetes.io/instance={RELEASE}").items
