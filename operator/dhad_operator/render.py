@@ -7,6 +7,7 @@ labels `dhad.dev/job`, `dhad.dev/kind`, `dhad.dev/stage`, `dhad.dev/attempt`.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 
@@ -156,9 +157,9 @@ def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults:
         {"name": "AWS_REGION", "value": storage.region},
         {"name": "DHAD_WORK_DIR", "value": WORK_DIR},
     ]
-    endpoint = storage.endpoint or defaults.storage_endpoint
-    if endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": endpoint})
+    s3_endpoint = storage.endpoint or defaults.storage_endpoint
+    if s3_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint})
     ref = storage.secret_ref or (StorageSecret(name=defaults.storage_secret) if defaults.storage_secret else None)
     if ref:
         env.append({"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_id_key}}})
@@ -214,7 +215,7 @@ def _affinity(spec: JobSpec, avoid_nodes: list[str]) -> dict | None:
 def container_security(spec: JobSpec) -> dict:
     """The restricted defaults with the spec's fields merged on; privileged (when the platform allows
     it) is the one case that needs privilege escalation, which Kubernetes then requires."""
-    context = json.loads(json.dumps(RESTRICTED_CONTAINER))
+    context = copy.deepcopy(RESTRICTED_CONTAINER)
     asked = spec.pod_template.security_context
     if asked is None:
         return context

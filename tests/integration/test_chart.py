@@ -199,7 +199,7 @@ def test_only_the_operator_is_bound_and_the_lease_only_in_its_namespace(installe
     assert role["metadata"]["namespace"] == ns
     assert [r.get("resourceNames") for r in role["rules"] if "get" in r["verbs"]] == [[release]]
     bound = [s["name"] for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding") for s in d["subjects"]]
-    assert set(bound) == {release}, "only the operator's ServiceAccount is bound (never dhad-trainer)"
+    assert set(bound) == {release}, "only the operator's ServiceAccount is bound"
 
 
 def test_deployment_is_the_operator_contract(installed):
