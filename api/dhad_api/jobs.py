@@ -14,9 +14,11 @@ from dhad_api.common import (
     EnvVar,
     JobKind,
     ModelSpec,
+    PlanSettings,
     PodOverrides,
     Resources,
     RestartPolicy,
+    SecretKeySelector,
     Storage,
 )
 from dhad_api.data_prep import DataPrepSpec
@@ -63,6 +65,15 @@ class JobSpec(RuledModel):
     image: Annotated[str, StringConstraints(pattern=IMAGE, max_length=512)] | None = Field(None, description="image is the trainer image. Empty means the operator's default.")
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="env is extra environment for the trainer. Default none.")
     pod_template: PodOverrides = Field(default_factory=PodOverrides, description="podTemplate holds pod overrides for platform teams. Default none.")
+    hf_token_secret_ref: SecretKeySelector | None = Field(
+        None,
+        description="hfTokenSecretRef is the Secret key holding a Hugging Face token, for gated or private hf:// models and "
+        "datasets (the pods get it as HF_TOKEN; access is checked before the first sub-stage). Empty means anonymous.",
+    )
+    plan: PlanSettings = Field(
+        default_factory=PlanSettings,
+        description="plan is the per-GPU memory check made before any pod exists. Default enforced, GPU memory from node labels.",
+    )
 
     rules = (
         Rule("self.env.all(x, self.env.exists_one(y, y.name == x.name))", "env: names must be unique",
@@ -71,11 +82,21 @@ class JobSpec(RuledModel):
 
 
 class PretrainJobSpec(JobSpec):
-    """Continued pre-training on Arabic text (AceGPT step 1)."""
+    """Continued pre-training on Arabic text (AceGPT step 1): a prepare sub-stage, then training."""
 
-    data: DataPrepSpec = Field(description="data is the corpus and how to clean, dedup, decontaminate and pack it. Required.")
+    data: DataPrepSpec = Field(description="data is the corpus and how to clean, dedup, decontaminate, pack and mix it; the prepare sub-stage does this once per distinct input and tokenizer, and training reads the result. Required.")
+    prepare_only: bool = Field(False, description="prepareOnly runs only the prepare sub-stage: the prepared shards and stats land in S3, where later jobs with the same inputs, tokenizer and data settings reuse them, and no model is trained. Default false.")
     vocabulary: Vocabulary = Field(default_factory=Vocabulary, description="vocabulary optionally adds Arabic tokens first. Default none added.")
     training: PretrainTraining = Field(default_factory=lambda: PretrainTraining(learning_rate=1e-4), description="training is the optimisation. Default learningRate 1e-4.")
+
+    rules = JobSpec.rules + (
+        Rule("self.vocabulary.warmupSteps == 0 || self.distributed.strategy == 'ddp'",
+             "vocabulary.warmupSteps needs distributed.strategy ddp (the embeddings-only phase is a separate DDP run)",
+             lambda s: s.vocabulary.warmup_steps == 0 or s.distributed.strategy.value == "ddp", ".vocabulary.warmupSteps"),
+        Rule("self.vocabulary.warmupSteps == 0 || self.vocabulary.newTokens > 0",
+             "vocabulary.warmupSteps needs vocabulary.newTokens (it warms up the new embedding rows)",
+             lambda s: s.vocabulary.warmup_steps == 0 or s.vocabulary.new_tokens > 0, ".vocabulary.warmupSteps"),
+    )
 
 
 class SFTJobSpec(JobSpec):
@@ -140,7 +161,7 @@ class KindInfo:
 
 
 KINDS: dict[JobKind, KindInfo] = {
-    JobKind.PRETRAIN: KindInfo(JobKind.PRETRAIN, "pretrainjobs", ("ptj",), PretrainJobSpec, "pt", ("pretrain",)),
+    JobKind.PRETRAIN: KindInfo(JobKind.PRETRAIN, "pretrainjobs", ("ptj",), PretrainJobSpec, "pt", ("prepare", "pretrain")),
     JobKind.SFT: KindInfo(JobKind.SFT, "sftjobs", ("sftj",), SFTJobSpec, "sft", ("respond", "sft")),
     JobKind.RLAIF: KindInfo(JobKind.RLAIF, "rlaifjobs", ("rlj",), RLAIFJobSpec, "rl", ("feedback", "reward", "policy")),
     JobKind.EVAL: KindInfo(JobKind.EVAL, "evaljobs", ("evj",), EvalJobSpec, "ev", ("eval",)),
@@ -176,7 +197,34 @@ def stages_for(kind: JobKind | str, spec: JobSpec) -> list[str]:
     stages = list(KINDS[JobKind(kind)].stages)
     if isinstance(spec, SFTJobSpec) and spec.respond is None:
         stages.remove("respond")
+    if isinstance(spec, PretrainJobSpec) and spec.prepare_only:
+        stages.remove("pretrain")
     return stages
+
+
+@dataclass(frozen=True)
+class StagePods:
+    """What one sub-stage's Indexed Job asks for: the renderer, the launcher and local mode all read it."""
+
+    pods: int           # pods in the sub-stage's Indexed Job
+    procs_per_pod: int  # torchrun --nproc-per-node (GPUs per pod, 1 on CPU)
+    gpus_per_pod: int   # nvidia.com/gpu requested per pod
+    gang: bool          # True: one failed pod ends the attempt; False: a failed index is retried alone
+
+
+def stage_pods(kind, spec, stage: str) -> StagePods:
+    """The training gang (resources.nodes x gpusPerNode) for every sub-stage but two: SFT's respond, which only
+    rank 0 runs (one pod with one process, one GPU for a local teacher, none for an endpoint teacher), and
+    PretrainJob's prepare, `data.workers` CPU pods each retried alone (their shares are independent)."""
+    gpus = spec.resources.gpus_per_node
+    if stage == "prepare" and isinstance(spec, PretrainJobSpec):
+        return StagePods(pods=spec.data.workers, procs_per_pod=1, gpus_per_pod=0, gang=False)
+    if stage == "respond" and isinstance(spec, SFTJobSpec) and spec.respond is not None:
+        teacher = spec.respond.teacher
+        if teacher.endpoint is not None:
+            return StagePods(pods=1, procs_per_pod=1, gpus_per_pod=0, gang=True)
+        return StagePods(pods=1, procs_per_pod=1, gpus_per_pod=min(gpus, 1), gang=True)
+    return StagePods(pods=spec.resources.nodes, procs_per_pod=max(gpus, 1), gpus_per_pod=gpus, gang=True)
 
 
 OUTPUT_STAGE = {"pretrain": "pretrain", "sft": "sft", "policy": "policy"}  # sub-stages that write the job's model

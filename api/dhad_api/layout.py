@@ -42,3 +42,13 @@ def split_s3(uri: str) -> tuple[str, str]:
         raise ValueError(f"not an s3:// URI: {uri!r}")
     bucket, _, key = uri[5:].partition("/")
     return bucket, key.strip("/")
+
+
+PREPARED = "prepared"
+
+
+def prepared_root(storage: Storage) -> str:
+    """Where prepared datasets live, shared by every job writing to this bucket and prefix: each under
+    `<root>/<key>`, the key derived from the inputs' identities, the tokenizer and the data settings."""
+    prefix = storage.prefix.strip("/")
+    return f"s3://{storage.bucket}/" + "/".join(p for p in (prefix, PREPARED) if p)

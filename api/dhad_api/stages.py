@@ -19,7 +19,15 @@ class Vocabulary(DhadModel):
     """AceGPT-v1.5 style vocabulary expansion before continued pre-training."""
 
     new_tokens: int = Field(0, ge=0, le=262144, description="newTokens is how many Arabic BPE tokens to add; 0 disables expansion. Default 0.")
-    corpus: Uri | None = Field(None, description="corpus is the text to learn the new merges from. Empty means the job's prepared data.")
+    corpus: Uri | None = Field(None, description="corpus is the text to learn the new merges from (a bounded sample of it, see sampleMegabytes). Empty means a sample of the job's cleaned, deduplicated data.")
+    sample_megabytes: float = Field(
+        64, gt=0, le=65536,
+        description="sampleMegabytes bounds the text the new merges are learned from, in MB of UTF-8: a fixed pseudo-random sample, streamed, the same for any number of prepare workers. Default 64.",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, le=1_000_000,
+        description="warmupSteps trains only the input and output embeddings for this many optimizer steps before full training starts, so the new rows settle before they move the rest of the model. Default 0 (none).",
+    )
 
 
 class PretrainTraining(Optimization):

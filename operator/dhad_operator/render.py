@@ -12,9 +12,18 @@ import json
 from dataclasses import dataclass, field
 
 from dhad_api.common import StorageSecret, WorkVolumeType
-from dhad_api.jobs import API_VERSION, KINDS, JobSpec, KindInfo, RLAIFJobSpec, SFTJobSpec
+from dhad_api.jobs import (
+    API_VERSION,
+    KINDS,
+    JobSpec,
+    KindInfo,
+    RLAIFJobSpec,
+    SFTJobSpec,
+    StagePods,
+    stage_pods,
+)
 from dhad_api.naming import config_map_name, job_name, master_address, service_name
-from dhad_api.reasons import NAMESPACE_ENV, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
+from dhad_api.reasons import NAMESPACE_ENV, NO_RETRY, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
 
 LABEL_JOB = "dhad.dev/job"
 LABEL_KIND = "dhad.dev/kind"
@@ -143,12 +152,12 @@ def _secret_env(name: str, ref) -> dict:
 def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults: Defaults | None = None) -> list[dict]:
     defaults = defaults or Defaults()
     storage = spec.storage
-    gpus = spec.resources.gpus_per_node
+    shape = stage_pods(owner.kind, spec, stage)
     env = [
         {"name": "MASTER_ADDR", "value": master_address(owner.name, owner.info.code, stage, attempt)},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "NNODES", "value": str(spec.resources.nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(max(gpus, 1))},
+        {"name": "NNODES", "value": str(shape.pods)},
+        {"name": "NPROC_PER_NODE", "value": str(shape.procs_per_pod)},
         {"name": "DHAD_STAGE", "value": stage},
         {"name": "DHAD_ATTEMPT", "value": str(attempt)},
         {"name": "DHAD_JOB_UID", "value": owner.uid},
@@ -167,6 +176,8 @@ def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults:
     for var, endpoint in _endpoints(spec):
         if endpoint.api_key_secret_ref:
             env.append(_secret_env(var, endpoint.api_key_secret_ref))
+    if spec.hf_token_secret_ref:
+        env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref))
     for var in spec.env:
         env.append({"name": var.name, "value": var.value} if var.value is not None
                    else {"name": var.name, "valueFrom": {"secretKeyRef": var.value_from.secret_key_ref.model_dump()}})
@@ -188,10 +199,10 @@ RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"dro
                         "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _resources(spec: JobSpec) -> dict:
+def _resources(spec: JobSpec, shape: StagePods) -> dict:
     limits: dict[str, str] = dict(spec.resources.extra)
-    if spec.resources.gpus_per_node:
-        limits["nvidia.com/gpu"] = str(spec.resources.gpus_per_node)
+    if shape.gpus_per_pod:
+        limits["nvidia.com/gpu"] = str(shape.gpus_per_pod)
     if spec.resources.cpu:
         limits["cpu"] = spec.resources.cpu
     if spec.resources.memory:
@@ -249,8 +260,10 @@ def work_volume(owner: Owner, spec: JobSpec) -> tuple[dict, dict]:
 
 def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults: Defaults,
                  avoid_nodes: list[str] | None = None) -> dict:
-    """One attempt of one (sub-)stage: an Indexed Job, one pod per node, no per-pod retries."""
+    """One attempt of one (sub-)stage: an Indexed Job of stage_pods(...).pods pods. A gang has no
+    per-pod retries (one failed pod ends the attempt); independent pods are retried per index."""
     name = job_name(owner.name, stage, attempt)
+    shape = stage_pods(owner.kind, spec, stage)
     labels = {**owner.labels(), LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}
     pod = spec.pod_template
     asked = pod.security_context
@@ -269,7 +282,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
             "image": spec.image or defaults.trainer_image,
             "command": ["python", "-m", "dhad_trainer", "launch", JOB_FILE],
             "env": trainer_env(owner, spec, stage, attempt, defaults),
-            "resources": _resources(spec),
+            "resources": _resources(spec, shape),
             "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
             "volumeMounts": [{"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
                              {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"},
@@ -292,15 +305,31 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
     job_labels = dict(labels)
     if spec.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
-    nodes = spec.resources.nodes
+    pods = shape.pods
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": _meta(owner, name, {LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}) | {"labels": job_labels},
         "spec": {
-            "completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "backoffLimit": 0,
+            "completionMode": "Indexed", "completions": pods, "parallelism": pods,
+            **({"backoffLimit": 0} if shape.gang else _retry_per_index(spec)),
             # Kueue admits a queued Job by unsuspending it.
             "suspend": bool(spec.queue_name),
             "template": {"metadata": {"labels": {**pod.labels, **labels}, "annotations": dict(pod.annotations)},
                          "spec": pod_spec},
         },
+    }
+
+
+def _retry_per_index(spec: JobSpec) -> dict:
+    """Independent pods: the Job retries a failed index alone (restartPolicy.maxRestarts times); the
+    first index out of retries fails the Job (the others wait on its share); bad config or data fails
+    it at once; a disruption is not counted."""
+    return {
+        "backoffLimitPerIndex": spec.restart_policy.max_restarts,
+        "maxFailedIndexes": 0,
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                  "values": sorted(int(c) for c in NO_RETRY)}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
     }

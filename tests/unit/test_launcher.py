@@ -99,6 +99,14 @@ class Launch:
         raise AssertionError(f"condition not reached; log tail:\n{self.log[-3000:]}")
 
 
+def prepare_job(doc: dict, folder: Path, env: dict | None = None) -> Launch:
+    """Runs a PretrainJob's prepare sub-stage as its single worker pod would; training launches then
+    need DHAD_STAGE=pretrain (a pod runs the sub-stage the operator names)."""
+    launch = Launch.start(doc, folder, {**(env or {}), "DHAD_STAGE": "prepare"}, nproc=1)
+    assert launch.wait() == 0, launch.log[-4000:]
+    return launch
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     """A folder that looks like a model to the checks (they only look, no torch here)."""
@@ -169,16 +177,20 @@ def test_earliest_worker_failure_names_the_exit(tmp_path):
 
 
 def test_torchrun_command_and_thread_budget(model_dir, monkeypatch):
-    for name in ("DHAD_NPROC_PER_NODE",):
+    for name in ("DHAD_NPROC_PER_NODE", "NNODES", "NPROC_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
     monkeypatch.setenv("MASTER_ADDR", "job-pt-1-0.job-pt")
     doc = job_doc(model_dir, str(DEFAULT_CORPUS), nodes=4)
     doc["spec"]["resources"]["gpusPerNode"] = 8
-    cmd, nproc = launcher.torchrun_command(Job.model_validate(doc), "/etc/dhad/job.json")
+    cmd, nproc = launcher.torchrun_command(Job.model_validate(doc), "/etc/dhad/job.json", "pretrain")
     line = " ".join(cmd)
     assert nproc == 8 and "--nnodes 4 --nproc-per-node 8 --node-rank 3 --master-addr job-pt-1-0.job-pt" in line
     assert line.endswith("-m dhad_trainer worker /etc/dhad/job.json")
+    monkeypatch.setenv("NNODES", "1")  # the operator's env for this sub-stage (stage_pods) wins over the spec
+    monkeypatch.setenv("NPROC_PER_NODE", "1")
+    cmd, nproc = launcher.torchrun_command(Job.model_validate(doc), "/etc/dhad/job.json", "pretrain")
+    assert nproc == 1 and "--nnodes 1 --nproc-per-node 1 " in " ".join(cmd)
     assert launcher.cpu_count() >= 1
 
 

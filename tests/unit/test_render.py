@@ -190,8 +190,7 @@ def _walk_env(obj):
 
 
 def test_storage_credentials_come_only_from_secret_key_refs():
-    doc = load("sft", env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
-                           {"name": "LOG_LEVEL", "value": "debug"}])
+    doc = load("sft", env=[{"name": "LOG_LEVEL", "value": "debug"}], hfTokenSecretRef={"name": "hf", "key": "token"})
     doc["spec"]["storage"]["secretRef"] = {"name": "s3-creds", "accessKeyIdKey": "id", "secretAccessKeyKey": "key"}
     _, _, children, job = render(doc)
     env = env_of(job)
@@ -293,6 +292,23 @@ def test_sft_teacher_endpoint_key_comes_from_its_secret():
     env = env_of(render(sft_with_respond(), stage="respond")[3])
     assert env["DHAD_TEACHER_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "llm-key", "key": "token"}}
     assert env["DHAD_STAGE"]["value"] == "respond"
+
+
+@pytest.mark.parametrize(("teacher", "gpus"), [("endpoint", None), ("model", "1"), ("vllm", "1")])
+def test_respond_asks_for_one_pod_not_the_training_gang(teacher, gpus):
+    """Only rank 0 answers prompts: one pod, one process, one GPU for a local teacher, none for an endpoint."""
+    doc = sft_with_respond()
+    doc["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 8}
+    if teacher != "endpoint":
+        doc["spec"]["respond"]["teacher"] = {"model": {"uri": "s3://dhad-demo/models/teacher"}, "useVllm": teacher == "vllm"}
+    job = render(doc, stage="respond")[3]
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1
+    assert container(job)["resources"]["limits"].get("nvidia.com/gpu") == gpus
+    env = env_of(job)
+    assert env["NNODES"]["value"] == "1" and env["NPROC_PER_NODE"]["value"] == "1"
+    train = render(doc, stage="sft")[3]  # the training sub-stage keeps the gang
+    assert train["spec"]["completions"] == 2 and container(train)["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert env_of(train)["NNODES"]["value"] == "2" and env_of(train)["NPROC_PER_NODE"]["value"] == "8"
 
 
 def test_eval_judge_endpoint_key_comes_from_its_secret():
@@ -444,3 +460,21 @@ def test_named_service_account_runs_the_pods_and_gets_the_progress_binding():
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == "gke-trainer"
     (binding,) = kinds["RoleBinding"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "gke-trainer", "namespace": NS}]
+
+
+def test_prepare_is_an_indexed_job_of_independent_cpu_workers():
+    doc = load("pretrain", resources={"nodes": 2, "gpusPerNode": 8})
+    doc["spec"]["data"]["workers"] = 3
+    _, _, _, job = render(doc, stage="prepare")
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    assert "backoffLimit" not in spec and spec["backoffLimitPerIndex"] == 3 and spec["maxFailedIndexes"] == 0
+    fail_job, ignore = spec["podFailurePolicy"]["rules"]
+    assert fail_job["action"] == "FailJob" and fail_job["onExitCodes"]["values"] == [65, 78]
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert "nvidia.com/gpu" not in container(job)["resources"]["limits"]
+    env = env_of(job)
+    assert env["NNODES"]["value"] == "3" and env["NPROC_PER_NODE"]["value"] == "1" and env["DHAD_STAGE"]["value"] == "prepare"
+    _, _, _, train = render(doc, stage="pretrain")  # training stays a gang of resources.nodes
+    assert train["spec"]["backoffLimit"] == 0 and train["spec"]["completions"] == 2
+    assert "backoffLimitPerIndex" not in train["spec"] and container(train)["resources"]["limits"]["nvidia.com/gpu"] == "8"
