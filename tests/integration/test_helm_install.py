@@ -23,7 +23,7 @@ from tests.conftest import wait_for
 from tests.harness import audit
 from tests.harness.controlplane import ControlPlane, kubectl
 from tests.harness.helm import CHART, helm
-from tests.harness.node_agent import NODE_SELECTOR, NodeAgent, node_agent  # noqa: F401 - the fixture
+from tests.harness.node_agent import NodeAgent, node_agent  # noqa: F401 - the fixture
 from tests.integration.jobs import apply, get, patch_spec, pods, running_pods, tiny, wait_state
 from tests.integration.test_e2e import _manifest as trainable_sft
 
