@@ -39,6 +39,7 @@ RESERVED_ENV = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
     "DHAD_STAGE", "DHAD_ATTEMPT", "DHAD_JOB_UID", "DHAD_JOB_FILE", "DHAD_NAMESPACE", "DHAD_PROGRESS_CONFIGMAP",
     "DHAD_JUDGE_API_KEY", "DHAD_TEACHER_API_KEY", "HF_TOKEN", "DHAD_WORK_DIR",
+    "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "DHAD_HUB_TOKEN",
 )
 # Resources with a field of their own in Resources; `extra` may not set them a second time.
 OWN_RESOURCES = ("cpu", "memory", "nvidia.com/gpu")

@@ -22,6 +22,7 @@ from dhad_api.common import (
     Storage,
 )
 from dhad_api.data_prep import DataPrepSpec
+from dhad_api.outputs import Output, Tracking
 from dhad_api.stages import (
     Evaluation,
     Feedback,
@@ -52,7 +53,7 @@ class JobSpec(RuledModel):
     restart_policy: RestartPolicy = Field(default_factory=RestartPolicy, description="restartPolicy bounds gang restarts. Default 3 restarts, 10 s backoff doubling.")
     suspend: bool = Field(False, description="suspend stops the running pods and keeps checkpoints; false again resumes. The only field that may change after creation. Default false.")
     queue_name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63)] | None = Field(
-        None, description="queueName is the Kueue LocalQueue; Jobs are created suspended with the kueue.x-k8s.io/queue-name label. Empty means no queueing."
+        None, description="queueName is an alias of the job label kueue.x-k8s.io/queue-name (the documented way, which wins when both are set): the Kueue LocalQueue the sub-stages' Jobs are queued in, created suspended. Empty means the label, else no queueing."
     )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, le=31_536_000,
@@ -65,6 +66,8 @@ class JobSpec(RuledModel):
     image: Annotated[str, StringConstraints(pattern=IMAGE, max_length=512)] | None = Field(None, description="image is the trainer image. Empty means the operator's default.")
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="env is extra environment for the trainer. Default none.")
     pod_template: PodOverrides = Field(default_factory=PodOverrides, description="podTemplate holds pod overrides for platform teams. Default none.")
+    tracking: Tracking = Field(default_factory=Tracking, description="tracking adds MLflow or Weights & Biases to the TensorBoard event files every training sub-stage writes under the job's S3 root. Default TensorBoard only.")
+    output: Output = Field(default_factory=Output, description="output sets the final model card's license and an optional Hugging Face Hub push. Default no push.")
     hf_token_secret_ref: SecretKeySelector | None = Field(
         None,
         description="hfTokenSecretRef is the Secret key holding a Hugging Face token, for gated or private hf:// models and "
@@ -140,6 +143,11 @@ class EvalJobSpec(JobSpec):
 
     evaluation: Evaluation = Field(description="evaluation picks suites and scoring. Required.")
 
+    rules = JobSpec.rules + (
+        Rule("!has(self.output) || !has(self.output.hub)", "output.hub: an EvalJob has no model to push; its scores go into the evaluated model's card beside the report",
+             lambda s: s.output.hub is None, ".output.hub"),
+    )
+
 
 class ObjectMeta(DhadModel):
     """The metadata fields the trainer reads (the rest is the apiserver's)."""
@@ -175,6 +183,7 @@ class Resolved(DhadModel):
     judge_model_uri: str | None = Field(None, description="judgeModelUri is the judge's model after fromJob.")
     reward_model_uri: str | None = Field(None, description="rewardModelUri is policy.rewardModel after fromJob.")
     teacher_model_uri: str | None = Field(None, description="teacherModelUri is respond.teacher.model after fromJob.")
+    compare_model_uris: dict[str, str] = Field(default_factory=dict, description="compareModelUris are evaluation.compare's models after fromJob, by name.")
     output_root: str | None = Field(None, description="outputRoot is s3://bucket/prefix/namespace/name-uid.")
 
 

@@ -11,6 +11,7 @@ from dhad_api.common import Storage
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
 REPORT = "report"
+TENSORBOARD = "tensorboard"  # <root>/tensorboard/<stage>/: one run per sub-stage under one logdir
 MANIFEST = "MANIFEST.json"  # written last: a checkpoint without it does not exist
 
 
@@ -34,6 +35,12 @@ def checkpoint_name(step: int) -> str:
 
 def model_uri(root: str, stage: str) -> str:
     return f"{stage_uri(root, stage)}/{MODEL}"
+
+
+def tensorboard_uri(root: str, stage: str | None = None) -> str:
+    """Where TensorBoard event files go: `tensorboard --logdir <root>/tensorboard` shows every sub-stage."""
+    base = f"{root.rstrip('/')}/{TENSORBOARD}"
+    return f"{base}/{stage}" if stage else base
 
 
 def split_s3(uri: str) -> tuple[str, str]:

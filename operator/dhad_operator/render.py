@@ -23,13 +23,15 @@ from dhad_api.jobs import (
     stage_pods,
 )
 from dhad_api.naming import config_map_name, job_name, master_address, service_name
+from dhad_api.outputs import secret_env_refs
+from dhad_api.queueing import QUEUE_NAME_LABEL, kueue_labels
 from dhad_api.reasons import NAMESPACE_ENV, NO_RETRY, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
 
 LABEL_JOB = "dhad.dev/job"
 LABEL_KIND = "dhad.dev/kind"
 LABEL_STAGE = "dhad.dev/stage"
 LABEL_ATTEMPT = "dhad.dev/attempt"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_QUEUE_LABEL = QUEUE_NAME_LABEL
 MASTER_PORT = 29500
 JOB_FILE_DIR = "/etc/dhad"
 JOB_FILE = f"{JOB_FILE_DIR}/job.json"
@@ -44,6 +46,7 @@ class Owner:
     name: str
     namespace: str
     uid: str
+    kueue: tuple[tuple[str, str], ...] = ()  # the job's own Kueue labels (queue-name, priority-class)
 
     @property
     def info(self) -> KindInfo:
@@ -70,6 +73,11 @@ class Defaults:
     service_account_annotations: dict[str, str] = field(default_factory=dict)
     # trainer.allowPrivileged: privileged containers, host namespaces and hostPath volumes
     allow_privileged: bool = False
+
+
+def kueue(owner: Owner, spec: JobSpec) -> dict[str, str]:
+    """The Kueue labels each sub-stage's Job carries: the job's own label, else spec.queueName."""
+    return kueue_labels(dict(owner.kueue), spec.queue_name)
 
 
 def _meta(owner: Owner, name: str, extra_labels: dict | None = None) -> dict:
@@ -178,6 +186,8 @@ def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults:
             env.append(_secret_env(var, endpoint.api_key_secret_ref))
     if spec.hf_token_secret_ref:
         env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref))
+    for var, ref in secret_env_refs(spec.tracking, spec.output):  # W&B, MLflow and Hub tokens
+        env.append(_secret_env(var, ref))
     for var in spec.env:
         env.append({"name": var.name, "value": var.value} if var.value is not None
                    else {"name": var.name, "valueFrom": {"secretKeyRef": var.value_from.secret_key_ref.model_dump()}})
@@ -302,9 +312,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
                 # pods on the host network still resolve <job>-0.<service> (the master) through cluster DNS
                 "dnsPolicy": "ClusterFirstWithHostNet" if pod.host_network else None}
     pod_spec.update({k: v for k, v in optional.items() if v})
-    job_labels = dict(labels)
-    if spec.queue_name:
-        job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+    job_labels = {**labels, **kueue(owner, spec)}
     pods = shape.pods
     return {
         "apiVersion": "batch/v1", "kind": "Job",
@@ -313,7 +321,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
             "completionMode": "Indexed", "completions": pods, "parallelism": pods,
             **({"backoffLimit": 0} if shape.gang else _retry_per_index(spec)),
             # Kueue admits a queued Job by unsuspending it.
-            "suspend": bool(spec.queue_name),
+            "suspend": KUEUE_QUEUE_LABEL in job_labels,
             "template": {"metadata": {"labels": {**pod.labels, **labels}, "annotations": dict(pod.annotations)},
                          "spec": pod_spec},
         },

@@ -153,6 +153,14 @@ BAD = [
     ("open-ended-without-judge", "eval", {"spec.evaluation.judge": DELETE}, "open-ended suites (vicuna-80, alpaca-eval) need judge"),
     ("duplicate-suites", "eval", {"spec.evaluation.suites": ["acva", "acva"]}, "suites must not repeat"),
     ("shots-six", "eval", {"spec.evaluation.shots": 6}, "spec.evaluation.shots"),
+    ("runs-zero", "eval", {"spec.evaluation.runs": 0}, "spec.evaluation.runs"),
+    ("limit-per-topic", "eval", {"spec.evaluation.limitPer": "topic"}, "spec.evaluation.limitPer"),
+    ("seed-negative", "eval", {"spec.evaluation.seed": -1}, "spec.evaluation.seed"),
+    ("open-metric-unknown", "eval", {"spec.evaluation.openEndedMetrics": ["win-rate"]}, "spec.evaluation.openEndedMetrics[0]"),
+    ("open-metrics-repeat", "eval", {"spec.evaluation.openEndedMetrics": ["judge-scores", "judge-scores"]}, "openEndedMetrics must not repeat"),
+    ("compare-name-upper", "eval", {"spec.evaluation.compare.0.name": "Base"}, "spec.evaluation.compare[0].name"),
+    ("compare-names-repeat", "eval", {"spec.evaluation.compare": [{"name": "base", "model": {"uri": "s3://dhad-demo/a"}}, {"name": "base", "model": {"uri": "s3://dhad-demo/b"}}]}, "compare names must be unique"),
+    ("compare-model-no-source", "eval", {"spec.evaluation.compare.0.model": {"dtype": "auto"}}, "set exactly one of uri and fromJob"),
     ("min-over-max-chars", "pretrain", {"spec.data.filters.maxChars": 10}, "minChars must not exceed maxChars"),
     ("dedup-threshold", "pretrain", {"spec.data.dedup": {"threshold": 1.5}}, "spec.data.dedup.threshold"),
     ("vocab-negative", "pretrain", {"spec.vocabulary.newTokens": -5}, "spec.vocabulary.newTokens"),
@@ -172,6 +180,12 @@ BAD = [
     ("vocab-warmup-deepspeed", "pretrain", {"spec.vocabulary.warmupSteps": 5, "spec.distributed": {"strategy": "deepspeed"}},
      "vocabulary.warmupSteps needs distributed.strategy ddp"),
     ("vocab-warmup-no-tokens", "pretrain", {"spec.vocabulary": {"warmupSteps": 5}}, "vocabulary.warmupSteps needs vocabulary.newTokens"),
+    ("tracking-uri-not-url", "sft", {"spec.tracking.mlflow": {"trackingUri": "mlflow.local:5000"}}, "spec.tracking.mlflow.trackingUri"),
+    ("wandb-without-project", "sft", {"spec.tracking.wandb": {"entity": "team"}}, "spec.tracking.wandb.project"),
+    ("hub-repo-without-org", "sft", {"spec.output.hub": {"repoId": "model", "tokenSecretRef": {"name": "hf", "key": "token"}}}, "spec.output.hub.repoId"),
+    ("hub-without-token", "sft", {"spec.output.hub": {"repoId": "org/model"}}, "spec.output.hub.tokenSecretRef"),
+    ("license-with-spaces", "sft", {"spec.output.license": "Apache 2.0"}, "spec.output.license"),
+    ("eval-pushes-to-hub", "eval", {"spec.output.hub": {"repoId": "org/m", "tokenSecretRef": {"name": "hf", "key": "token"}}}, "an EvalJob has no model to push"),
 ]
 
 

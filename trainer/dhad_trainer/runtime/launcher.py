@@ -12,6 +12,7 @@ preemption, suspend) is forwarded; workers save a checkpoint if they can and the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -115,6 +116,16 @@ def validate(job: Job, stage: str) -> None:
         target = open_store(spec.checkpoint.resume_from, spec.storage)
         if not target.exists(f"{spec.checkpoint.resume_from.rstrip('/')}/{MANIFEST}"):
             raise ConfigError(f"checkpoint.resumeFrom: {spec.checkpoint.resume_from} is not a complete checkpoint (no {MANIFEST})")
+    if spec.output.hub:
+        from dhad_trainer.storage.hub import HubError, check_token
+
+        try:
+            check_token(spec.output.hub)
+        except HubError as error:
+            raise ConfigError(str(error)) from None
+    for name in spec.tracking.integrations():
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"tracking.{name}: the {name} package is not installed in this trainer image")
     data = RoutingStore(spec.storage)
     for uri in [u for s in (stages if first else [stage]) for u in data_uris(spec, s)]:
         paths = resolve(uri, data)
