@@ -307,7 +307,26 @@ EFFECTS = {
                   "affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].podAffinityTerm.topologyKey=kubernetes.io/hostname"],
                  lambda d: _pod(d)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 1),
     "priorityClassName": (["priorityClassName=system-cluster-critical"], lambda d: _pod(d)["priorityClassName"] == "system-cluster-critical"),
+    "monitoring.grafanaDashboard": (["monitoring.grafanaDashboard.enabled=true", "monitoring.grafanaDashboard.namespace=monitoring",
+                                     "monitoring.grafanaDashboard.labels.grafana_dashboard=yes",
+                                     "monitoring.grafanaDashboard.annotations.grafana_folder=ML"],
+                                    lambda d: (one(d, "ConfigMap")["metadata"]["namespace"], one(d, "ConfigMap")["metadata"]["labels"]["grafana_dashboard"],
+                                               one(d, "ConfigMap")["metadata"]["annotations"]) == ("monitoring", "yes", {"grafana_folder": "ML"})),
+    "monitoring.prometheusRule": (["monitoring.prometheusRule.enabled=true", "monitoring.prometheusRule.labels.release=prom",
+                                   "monitoring.prometheusRule.severity=critical", "monitoring.prometheusRule.failedFor=5m",
+                                   "monitoring.prometheusRule.noProgressMinutes=45", "monitoring.prometheusRule.restartStorm.restarts=5",
+                                   "monitoring.prometheusRule.restartStorm.window=30m"],
+                                  lambda d: one(d, "PrometheusRule")["metadata"]["labels"]["release"] == "prom"
+                                  and {a["labels"]["severity"] for a in _alerts(d).values()} == {"critical"}
+                                  and _alerts(d)["DhadJobFailed"]["for"] == "5m"
+                                  and _alerts(d)["DhadJobNoProgress"]["expr"].splitlines()[0].endswith("> 2700")
+                                  and _alerts(d)["DhadJobRestartStorm"]["expr"].endswith("[30m])) >= 5")),
 }
+
+
+def _alerts(docs: list[dict]) -> dict:
+    """The PrometheusRule's alerts by name."""
+    return {r["alert"]: r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
 
 
 def _leaf_keys(values: dict, prefix: str = "") -> set[str]:
