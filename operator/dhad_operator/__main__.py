@@ -13,7 +13,7 @@ import threading
 from kubernetes import client, config
 
 from dhad_operator import metrics
-from dhad_operator.config import Settings
+from dhad_operator.config import Settings, log_level
 from dhad_operator.controller import Controller
 from dhad_operator.handlers import Router
 from dhad_operator.health import HEALTH
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     namespaces = args.namespace or [n for n in os.environ.get("DHAD_WATCH_NAMESPACES", "").split(",") if n]
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(level=log_level(args.log_level), handlers=[handler], force=True)
     settings = Settings.from_env()
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_address)
 
     _, _, request_timeout = timings(settings.lease_seconds)  # every API call ends within the lease
     rest = Rest(api_client(pool_size=64), request_timeout, on_request=lambda verb: metrics.API_REQUESTS.labels(verb).inc())

@@ -114,5 +114,5 @@ JOB_STATES = JobStates()
 REGISTRY.register(JOB_STATES)
 
 
-def serve(port: int) -> None:
-    start_http_server(port, addr="0.0.0.0", registry=REGISTRY)
+def serve(port: int, address: str = "0.0.0.0") -> None:
+    start_http_server(port, addr=address, registry=REGISTRY)

@@ -38,6 +38,7 @@ from dhad_operator.render import (
     Defaults,
     Owner,
     kueue,
+    refused_pod_fields,
     static_child_names,
     static_children,
     training_job,
@@ -147,6 +148,10 @@ def decide(obj: dict, observed: Observed, now: datetime, defaults: Defaults) -> 
     except ValidationError as error:
         _fail(plan, Reason.INVALID_SPEC, _field_errors(error), now, generation)
         return _fitted(plan, now, generation)
+    refused = refused_pod_fields(spec, defaults)
+    if refused:  # the platform switch the CRD cannot know
+        _fail(plan, Reason.INVALID_SPEC, refused, now, generation)
+        return _fitted(plan, now, generation)
     if not status.get("startTime") and _refused_by_plan(owner, spec, observed, plan, now, generation):
         return _fitted(plan, now, generation)
     _plan_attempts(owner, spec, observed, now, defaults, plan, generation)
@@ -219,7 +224,7 @@ def _plan_attempts(owner: Owner, spec: JobSpec, observed: Observed, now: datetim
             plan.events.append(("Normal", "Suspended", "spec.suspend is true: pods stopped, checkpoints kept"))
         enter(status, State.SUSPENDED, Reason.SUSPENDED, "spec.suspend is true; set it to false to resume from the newest checkpoint", now, generation)
         return
-    _missing_children(owner, spec, resolved, observed, plan)
+    _missing_children(owner, spec, resolved, observed, plan, defaults)
     if current is None and ended < attempt:
         _job_vanished(owner, stage, plan, now, generation)
     elif current is not None and ended < attempt:
@@ -283,11 +288,11 @@ def _job_vanished(owner, stage, plan, now, generation) -> None:
     plan.restart_reason = Reason.JOB_DELETED
 
 
-def _missing_children(owner, spec, resolved, observed, plan) -> None:
+def _missing_children(owner, spec, resolved, observed, plan, defaults) -> None:
     """Every static child that is not there (never made, or deleted) is made again, on every reconcile."""
-    missing = [(kind, name) for kind, name in static_child_names(owner) if (kind, name) not in observed.children]
+    missing = [(kind, name) for kind, name in static_child_names(owner, spec) if (kind, name) not in observed.children]
     if missing:
-        plan.create += [c for c in static_children(owner, spec, resolved) if (c["kind"], c["metadata"]["name"]) in missing]
+        plan.create += [c for c in static_children(owner, spec, resolved, defaults) if (c["kind"], c["metadata"]["name"]) in missing]
 
 
 def _observe_attempt(owner, spec, stages, stage, current, pods, observed, plan, now, root, generation) -> None:
