@@ -60,7 +60,8 @@ def one_process_group(monkeypatch):
 
 def test_hf_trainer_fills_auto_values_from_the_spec(tmp_path, one_process_group):
     """The config goes through HF's own processing with TrainingArguments from `training_arguments()`."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from dhad_api.jobs import PretrainJobSpec
     from dhad_trainer.stages.base import StageRun, training_arguments
 

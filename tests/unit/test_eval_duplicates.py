@@ -5,16 +5,13 @@ from __future__ import annotations
 import random
 import time
 from itertools import combinations
-from pathlib import Path
 
 import pytest
 
 from dhad_trainer.evaluation.arabic import fold
 from dhad_trainer.evaluation.duplicates import find_duplicates, near_pairs, shingles
 from dhad_trainer.evaluation.loaders import EvalItem, load_suite
-
-BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "benchmarks" / "acegpt"
-needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason=f"benchmark files not found at {BENCH}")
+from tests.conftest import ACEGPT as BENCH
 
 
 def _items(*questions: str) -> list[EvalItem]:
@@ -70,7 +67,7 @@ def test_short_texts_are_one_shingle() -> None:
     assert near_pairs(["ab", "ab ", "xyz"]) == []
 
 
-@needs_bench
+@pytest.mark.benchmarks
 def test_real_mmlu_duplicates() -> None:
     items = load_suite("arabic-mmlu", BENCH)
     start = time.perf_counter()
@@ -97,7 +94,7 @@ def test_real_mmlu_duplicates() -> None:
     assert elapsed < 20, f"duplicate detection took {elapsed:.1f}s"  # ~2 s unloaded; shared CI cores
 
 
-@needs_bench
+@pytest.mark.benchmarks
 def test_other_suites_duplicate_figures() -> None:
     acva = find_duplicates(load_suite("acva", BENCH)).summary()
     assert (acva["exact_groups"], acva["items_in_exact_groups"], acva["largest_exact_group"]) == (

@@ -10,9 +10,9 @@ import pytest
 
 from dhad_trainer.evaluation.loaders import NO, YES, EvalItem, apply_limit, load_suite
 from dhad_trainer.evaluation.mmlu_subjects import CATEGORIES, SUBJECT_CATEGORY
+from tests.conftest import ACEGPT as BENCH
 
-BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "benchmarks" / "acegpt"
-pytestmark = pytest.mark.skipif(not BENCH.is_dir(), reason=f"benchmark files not found at {BENCH}")
+pytestmark = pytest.mark.benchmarks
 
 
 def test_mmlu_counts_subjects_and_categories() -> None:

@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-pytest.importorskip("transformers")
-
-from dhad_trainer.stages import feedback  # noqa: E402
-from dhad_trainer.stages.alignment import HELD_OUT, TRAIN, prompt_id, read_pairs, read_prompts, split_of  # noqa: E402
-from tests.support.alignment import distributed_chain, rlaif_spec, stage_run, tiny_lm  # noqa: E402
-from tests.support.openai_server import OpenAIServer, Reply  # noqa: E402
-from tests.unit.test_judge import answers  # noqa: E402
+from dhad_trainer.stages import feedback
+from dhad_trainer.stages.alignment import HELD_OUT, TRAIN, prompt_id, read_pairs, read_prompts, split_of
+from tests.support.alignment import distributed_chain, rlaif_spec, stage_run, tiny_lm
+from tests.support.openai_server import OpenAIServer, Reply
+from tests.unit.test_judge import answers
 
 MARKERS = ["[good] ما عاصمة اليمن؟", "[good] اكتب بيتًا عن الصبر.", "[flip] صف البحر.", "[tie] ما لون الرمل؟",
            "[garbage] عدّد ثلاث فواكه.", "[refuse] من أنت؟"]

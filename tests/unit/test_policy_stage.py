@@ -4,12 +4,11 @@ and GRPO under 2-process torchrun. The reward model here is the tiny LM read as 
 from __future__ import annotations
 
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from dhad_trainer.stages import policy  # noqa: E402
-from tests.support.alignment import (  # noqa: E402
+from dhad_trainer.stages import policy
+from tests.support.alignment import (
     StepRecorder,
     distributed_chain,
     rlaif_spec,

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from dhad_trainer.stages import reward  # noqa: E402
-from tests.support.alignment import rlaif_spec, stage_run, tiny_lm, write_pairs  # noqa: E402
+from dhad_trainer.stages import reward
+from tests.support.alignment import rlaif_spec, stage_run, tiny_lm, write_pairs
 
 
 @pytest.fixture(scope="module")

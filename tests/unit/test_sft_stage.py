@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from dhad_trainer.data.chat import IM_END  # noqa: E402
-from dhad_trainer.stages import sft  # noqa: E402
-from tests.support.alignment import StepRecorder, distributed_chain, sft_spec, stage_run, tiny_lm  # noqa: E402
+from dhad_trainer.data.chat import IM_END
+from dhad_trainer.stages import sft
+from tests.support.alignment import StepRecorder, distributed_chain, sft_spec, stage_run, tiny_lm
 
 
 @pytest.fixture(scope="module")

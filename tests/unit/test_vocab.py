@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from dhad_trainer.data import vocab  # noqa: E402
-from dhad_trainer.local.tiny import DEFAULT_CORPUS, init_tiny_model  # noqa: E402
+from dhad_trainer.data import vocab
+from dhad_trainer.local.tiny import DEFAULT_CORPUS, init_tiny_model
 
 HELD_OUT = [  # not in the corpus
     "يحب الأطفال اللعب في الحديقة بعد المدرسة، وتجلس الأمهات على المقاعد يتحدثن عن شؤون البيت.",
