@@ -14,8 +14,8 @@ from typing import Annotated
 from pydantic import Field, StringConstraints
 
 from dhad_api.base import DhadModel, Rule, RuledModel
+from dhad_api.common import DataUri as Uri
 
-Uri = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 FieldName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 

@@ -1,7 +1,8 @@
 """Test entry point: what the runtime's worker does, minus S3. Launched by torchrun with a job.json listing
 steps (stage, spec kind and dict, model_dir, root, inputs); starts the gloo process group once, builds each
 StageRun from torchrun's env and calls `dhad_trainer.stages.<stage>.run` in order (several stages share
-one launch to save process start-up). Each rank writes root/result-rank<r>.json per step."""
+one launch to save process start-up). Each rank writes root/result-rank<r>.json per step, with the sha256
+of the weights it ended training with (None for a stage that does not train)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,21 @@ import sys
 from pathlib import Path
 
 from dhad_api import jobs
+from dhad_trainer.runtime.callbacks import WeightsDigest
 from dhad_trainer.stages.base import StageRun
 
 
 def run_step(step: dict, rank: int, world: int) -> None:
     root = Path(step["root"])
     spec = getattr(jobs, step["kind"]).model_validate(step["spec"])
+    digest = WeightsDigest(rank)
     run = StageRun(spec=spec, stage=step["stage"], model_dir=Path(step["model_dir"]), work_dir=root / "work",
                    output_dir=root / "out", inputs={k: Path(v) for k, v in step["inputs"].items()},
-                   rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True)
+                   rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True,
+                   callbacks=[digest])
     result = importlib.import_module(f"dhad_trainer.stages.{step['stage']}").run(run)
     doc = {"metrics": result.metrics, "model_dir": str(result.model_dir) if result.model_dir else None,
-           "output_dir": str(run.output_dir), "world_size": world}
+           "output_dir": str(run.output_dir), "world_size": world, "weights_sha256": digest.sha256}
     (root / f"result-rank{rank}.json").write_text(json.dumps(doc, default=str), encoding="utf-8")
 
 

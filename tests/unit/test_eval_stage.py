@@ -21,6 +21,7 @@ from dhad_trainer.evaluation.loaders import SAMPLE_BENCHMARKS as BENCH
 from dhad_trainer.stages import eval as eval_stage
 from dhad_trainer.stages.base import StageRun
 from tests.conftest import ACEGPT
+from tests.support.scores import recount
 
 REPO = Path(__file__).resolve().parents[2]
 MC = ("acva", "arabic-mmlu", "exams")
@@ -73,7 +74,9 @@ def test_stage_all_suites(tiny, tmp_path: Path, method: str, shots: int) -> None
         and (report.parent / result.metrics["report"]).is_file()
     )
     assert set(scores) == {f"{s}/{method}" for s in MC} | {f"{s}/generate+judge" for s in OPEN}
-    assert all(0.0 <= v <= 1.0 for v in scores.values())  # open-ended: (wins + ties/2) / pairs
+    for name, value in scores.items():  # each headline recounted from the report's per-item predictions
+        suite, suite_method = name.split("/")
+        assert value == pytest.approx(recount(report, suite, suite_method), abs=5e-5), name  # rounded to 4 places
     for name in ("results.json", "scores.png", f"acva_topics_{method}.png", f"mmlu_categories_{method}.png"):
         assert (report / name).is_file(), name
     doc = json.loads((report / "results.json").read_text(encoding="utf-8"))

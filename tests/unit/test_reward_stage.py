@@ -36,10 +36,17 @@ def test_accuracies_are_reported_and_learned(trained):
     m = result.metrics
     assert m["heldout_pairs"] == 8 and m["culture_pairs"] == 30
     assert m["heldout_accuracy"] >= 0.75  # chosen Arabic answers vs a fixed noise answer: easy to learn
-    assert 0.0 <= m["culture_accuracy"] <= 1.0
     assert json.loads((run.output_dir / reward.EVAL_FILE).read_text()) == m
     model = transformers.AutoModelForSequenceClassification.from_pretrained(result.model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(result.model_dir)
+    # culture accuracy recounted here from the raw set: the saved model scores each chosen and rejected answer
+    rows = [json.loads(line) for line in reward.CULTURE_SET.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(rows) == m["culture_pairs"]
+    def reward_of(row, answer):
+        return reward.score(model, tokenizer, [[{"role": "user", "content": row["prompt"]},
+                                                 {"role": "assistant", "content": row[answer]}]], 256)[0]
+    wins = sum(reward_of(r, "chosen") > reward_of(r, "rejected") for r in rows)
+    assert m["culture_accuracy"] == wins / len(rows)
     prompt = [{"role": "user", "content": "ما عاصمة الأردن؟"}]
     scores = reward.score(model, tokenizer, [prompt + [{"role": "assistant", "content": "عمّان"}]], 256)
     assert len(scores) == 1 and isinstance(scores[0], float)
