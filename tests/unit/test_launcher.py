@@ -179,7 +179,17 @@ def test_torchrun_command_and_thread_budget(model_dir, monkeypatch):
     line = " ".join(cmd)
     assert nproc == 8 and "--nnodes 4 --nproc-per-node 8 --node-rank 3 --master-addr job-pt-1-0.job-pt" in line
     assert line.endswith("-m dhad_trainer worker /etc/dhad/job.json")
-    assert launcher.cpu_count() >= 1
+
+
+
+def test_cpu_count_is_the_affinity_capped_by_the_cgroup_quota(tmp_path):
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    for text, expected in [("max 100000", affinity), ("50000 100000", 1), ("150000 100000", min(affinity, 2)),
+                           (f"{(affinity + 3) * 100000} 100000", affinity), ("garbage", affinity)]:
+        cpu_max.write_text(text)
+        assert launcher.cpu_count(cpu_max) == expected, text
+    assert launcher.cpu_count(tmp_path / "absent") == affinity  # no cgroup v2: the affinity alone
 
 
 def test_stage_modules_are_found_by_name():
