@@ -13,6 +13,7 @@ selection=()
 if [ "${1:-}" = "--fast" ]; then
   shift
   selection=(-m unit)
+  export DHAD_TEST_FAST=1  # tests may draw fewer property-based examples (tests/unit/test_api.py)
 else
   bin="$(bash hack/build-control-plane.sh)"
   echo "setup: control plane in $bin ($((SECONDS - start)) s)" >&2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +27,10 @@ from tests.harness.kwok import create_gpu_nodes, start_kwok
 from tests.harness.s3 import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
+if not os.environ.get("TORCH_EXTENSIONS_DIR"):  # pytest run without hack/env.sh: the same op cache it names
+    os.environ["TORCH_EXTENSIONS_DIR"] = subprocess.run(
+        ["bash", "-c", 'source hack/env.sh && printf %s "$TORCH_EXTENSIONS_DIR"'], cwd=REPO, capture_output=True,
+        text=True, check=True).stdout
 # The real AceGPT files ($DHAD_BENCHMARKS, else ../shared/benchmarks/acegpt), or None on this machine.
 BENCHMARKS = acegpt_files(REPO)
 # Where `benchmarks` tests read them (the gate below keeps those tests from running when they are absent).
