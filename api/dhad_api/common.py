@@ -47,7 +47,7 @@ RESERVED_ENV = (
     "NNODES", "NPROC_PER_NODE", "JOB_COMPLETION_INDEX",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
     "DHAD_STAGE", "DHAD_ATTEMPT", "DHAD_JOB_UID", "DHAD_JOB_FILE", "DHAD_NAMESPACE", "DHAD_PROGRESS_CONFIGMAP",
-    "DHAD_JUDGE_API_KEY", "DHAD_TEACHER_API_KEY",
+    "DHAD_JUDGE_API_KEY", "DHAD_TEACHER_API_KEY", "HF_TOKEN",
 )
 
 
@@ -81,6 +81,15 @@ class JobReference(RuledModel):
     )
 
 
+class Attention(StrEnum):
+    """The attention kernel a model is loaded with."""
+
+    AUTO = "auto"
+    SDPA = "sdpa"
+    EAGER = "eager"
+    FLASH_ATTENTION_2 = "flash-attention-2"
+
+
 class ModelSpec(RuledModel):
     """Where the starting weights and tokenizer come from."""
 
@@ -97,7 +106,17 @@ class ModelSpec(RuledModel):
     tokenizer: ModelUri | None = Field(
         None, description="tokenizer is where to load the tokenizer from. Empty means the model's own."
     )
-    dtype: DType = Field(DType.AUTO, description="dtype is the dtype the weights are loaded in. Default auto.")
+    dtype: DType = Field(
+        DType.AUTO,
+        description="dtype is the dtype the weights are stored and served in. Training with mixed precision (bf16, fp16) "
+        "keeps fp32 master weights whatever this is (precision bf16-pure trains in it). Default auto (the checkpoint's).",
+    )
+    attention: Attention = Field(
+        Attention.AUTO,
+        description="attention is the kernel: auto (flash-attention-2 on GPUs with 16-bit compute when flash-attn is "
+        "installed, else sdpa), sdpa, eager or flash-attention-2 (needs GPUs and the image's gpu extra; checked "
+        "before the job starts). Default auto.",
+    )
 
     rules = (
         Rule("has(self.uri) != has(self.fromJob)", "model: set exactly one of uri and fromJob",
@@ -129,6 +148,23 @@ class Strategy(StrEnum):
     FSDP = "fsdp"
 
 
+class Sharding(StrEnum):
+    """How FSDP shards the model: over every process, or within each node (replicated across nodes)."""
+
+    FULL = "full"
+    HYBRID = "hybrid"
+
+
+class FsdpSettings(DhadModel):
+    """FSDP2 (torch fully_shard through accelerate) settings."""
+
+    sharding: Sharding = Field(
+        Sharding.FULL,
+        description="sharding is full (parameters, gradients and optimizer states split over every process) or hybrid "
+        "(split within a node, replicated across nodes: less inter-node traffic, more memory per GPU). Default full.",
+    )
+
+
 class Offload(StrEnum):
     """What DeepSpeed ZeRO offloads to CPU memory."""
 
@@ -140,13 +176,19 @@ class Offload(StrEnum):
 class Distributed(RuledModel):
     """Data and model parallelism settings."""
 
-    strategy: Strategy = Field(Strategy.DDP, description="strategy is ddp, deepspeed or fsdp. Default ddp.")
+    strategy: Strategy = Field(
+        Strategy.DDP,
+        description="strategy is ddp (every process holds the whole model), deepspeed (ZeRO) or fsdp (FSDP2). Default ddp.",
+    )
     zero_stage: int | None = Field(
         None, ge=1, le=3,
         description="zeroStage is the DeepSpeed ZeRO stage, 1 to 3; only with strategy deepspeed. Empty means 2.",
     )
     offload: Offload = Field(
         Offload.NONE, description="offload is what ZeRO moves to CPU memory; only with strategy deepspeed. Default none."
+    )
+    fsdp: FsdpSettings | None = Field(
+        None, description="fsdp tunes FSDP; only with strategy fsdp. Empty means full sharding."
     )
 
     rules = (
@@ -157,6 +199,8 @@ class Distributed(RuledModel):
         Rule("self.offload != 'optimizer-and-parameters' || (has(self.zeroStage) && self.zeroStage == 3)",
              "distributed.offload optimizer-and-parameters needs zeroStage 3",
              lambda d: d.offload != Offload.OPTIMIZER_AND_PARAMETERS or d.zero_stage == 3, ".offload"),
+        Rule("!has(self.fsdp) || self.strategy == 'fsdp'", "distributed.fsdp needs strategy fsdp",
+             lambda d: d.fsdp is None or d.strategy == Strategy.FSDP, ".fsdp"),
     )
 
 
@@ -181,6 +225,21 @@ class Checkpointing(DhadModel):
         None,
         description="resumeFrom is an explicit checkpoint (s3://.../checkpoints/step-000200) to start from, "
         "for example a failed job's, when re-applying it. Empty means this job's own checkpoints only.",
+    )
+
+
+class PlanSettings(DhadModel):
+    """The memory plan the operator checks before any pod exists (`dhad plan` prints the same)."""
+
+    enforce: bool = Field(
+        True,
+        description="enforce refuses the job (Planned False, Failed) when its planned per-GPU memory exceeds the GPU's; "
+        "false only reports the plan in the Planned condition. Default true.",
+    )
+    gpu_memory: Quantity | None = Field(
+        None,
+        description="gpuMemory is one GPU's memory, for example 80Gi. Empty means the nvidia.com/gpu.memory (MiB) or "
+        "nvidia.com/gpu.product label of the nodes podTemplate.nodeSelector picks; unknown means not checked.",
     )
 
 

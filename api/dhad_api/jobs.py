@@ -14,9 +14,11 @@ from dhad_api.common import (
     EnvVar,
     JobKind,
     ModelSpec,
+    PlanSettings,
     PodOverrides,
     Resources,
     RestartPolicy,
+    SecretKeySelector,
     Storage,
 )
 from dhad_api.data_prep import DataPrepSpec
@@ -63,6 +65,15 @@ class JobSpec(RuledModel):
     image: Annotated[str, StringConstraints(pattern=IMAGE, max_length=512)] | None = Field(None, description="image is the trainer image. Empty means the operator's default.")
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="env is extra environment for the trainer. Default none.")
     pod_template: PodOverrides = Field(default_factory=PodOverrides, description="podTemplate holds pod overrides for platform teams. Default none.")
+    hf_token_secret_ref: SecretKeySelector | None = Field(
+        None,
+        description="hfTokenSecretRef is the Secret key holding a Hugging Face token, for gated or private hf:// models and "
+        "datasets (the pods get it as HF_TOKEN; access is checked before the first sub-stage). Empty means anonymous.",
+    )
+    plan: PlanSettings = Field(
+        default_factory=PlanSettings,
+        description="plan is the per-GPU memory check made before any pod exists. Default enforced, GPU memory from node labels.",
+    )
 
     rules = (
         Rule("self.env.all(x, self.env.exists_one(y, y.name == x.name))", "env: names must be unique",
@@ -177,6 +188,29 @@ def stages_for(kind: JobKind | str, spec: JobSpec) -> list[str]:
     if isinstance(spec, SFTJobSpec) and spec.respond is None:
         stages.remove("respond")
     return stages
+
+
+@dataclass(frozen=True)
+class StagePods:
+    """What one sub-stage's Indexed Job asks for: the renderer, the launcher and local mode all read it."""
+
+    pods: int           # pods in the sub-stage's Indexed Job
+    procs_per_pod: int  # torchrun --nproc-per-node (GPUs per pod, 1 on CPU)
+    gpus_per_pod: int   # nvidia.com/gpu requested per pod
+    gang: bool          # True: one failed pod ends the attempt
+
+
+def stage_pods(kind, spec, stage: str) -> StagePods:
+    """The training gang (resources.nodes x gpusPerNode) for every sub-stage but SFT's respond, which only rank
+    0 runs: one pod with one process, one GPU for a local teacher (transformers or vLLM, both on one device)
+    and none for an endpoint teacher."""
+    gpus = spec.resources.gpus_per_node
+    if stage == "respond" and isinstance(spec, SFTJobSpec) and spec.respond is not None:
+        teacher = spec.respond.teacher
+        if teacher.endpoint is not None:
+            return StagePods(pods=1, procs_per_pod=1, gpus_per_pod=0, gang=True)
+        return StagePods(pods=1, procs_per_pod=1, gpus_per_pod=min(gpus, 1), gang=True)
+    return StagePods(pods=spec.resources.nodes, procs_per_pod=max(gpus, 1), gpus_per_pod=gpus, gang=True)
 
 
 OUTPUT_STAGE = {"pretrain": "pretrain", "sft": "sft", "policy": "policy"}  # sub-stages that write the job's model

@@ -52,6 +52,9 @@ class Reason(StrEnum):
     UNSCHEDULABLE = "Unschedulable"
     INVALID_SPEC = "InvalidSpec"
     REFERENCE_FAILED = "ReferencedJobFailed"
+    PLAN_FITS = "PlanFits"  # Planned condition: the per-GPU plan fits the GPU
+    PLAN_EXCEEDS_GPU_MEMORY = "PlanExceedsGPUMemory"
+    PLAN_NOT_CHECKED = "PlanNotChecked"  # architecture or GPU memory unknown
 
 
 EXIT_REASONS = {

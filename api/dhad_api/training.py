@@ -18,10 +18,13 @@ class Schedule(StrEnum):
 
 
 class Precision(StrEnum):
-    """Training precision; `auto` is bf16 on GPUs that have it and fp32 on CPU."""
+    """Training precision; `auto` is bf16 on GPUs and fp32 on CPU. bf16 and fp16 are mixed precision: 16-bit
+    compute, fp32 master weights, gradients and optimizer states. bf16-pure keeps weights and optimizer states
+    in bf16 (half the memory, updates below bf16's resolution are lost; ddp and fsdp only)."""
 
     AUTO = "auto"
     BF16 = "bf16"
+    BF16_PURE = "bf16-pure"
     FP16 = "fp16"
     FP32 = "fp32"
 
@@ -49,7 +52,11 @@ class Optimization(RuledModel):
         "pre-training, maxTokens) is set; empty with no epochs means 1 epoch.",
     )
     epochs: float | None = Field(None, gt=0, le=1000, description="epochs is passes over the data; may be fractional. Empty means see maxSteps.")
-    precision: Precision = Field(Precision.AUTO, description="precision is auto, bf16, fp16 or fp32. Default auto.")
+    precision: Precision = Field(
+        Precision.AUTO,
+        description="precision is auto (bf16 on GPUs, fp32 on CPU), bf16 or fp16 (mixed: 16-bit compute, fp32 master "
+        "weights and optimizer states), bf16-pure (weights and optimizer states in bf16; ddp and fsdp only) or fp32. Default auto.",
+    )
     seed: int = Field(42, ge=0, le=2**31 - 1, description="seed seeds model init, data order and dropout. Default 42.")
     gradient_checkpointing: bool = Field(False, description="gradientCheckpointing trades compute for activation memory. Default false.")
     log_every_steps: int = Field(10, ge=1, le=100_000, description="logEverySteps is how often loss, tokens/s and learning rate are logged and reported. Default 10.")

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
-from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stages_for
+from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stage_pods, stages_for
 from dhad_api.layout import model_uri, output_root, stage_uri
 from dhad_api.naming import job_name
 from dhad_api.reasons import Reason
@@ -183,7 +183,7 @@ def _observe_attempt(owner, spec, stages, stage, current, pods, plan, now, defau
     elif unschedulable is None:
         set_condition(status, "Unschedulable", False, "Scheduled", "", now, generation)
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
-    if len(running) == spec.resources.nodes:
+    if len(running) == stage_pods(owner.kind, spec, stage).pods:
         if state_of(status) != State.RUNNING:
             plan.events.append(("Normal", "Running", f"attempt {attempt} of stage {stage}: all {len(running)} pods running"))
         enter(status, State.RUNNING, Reason.RUNNING, f"stage {stage}, attempt {attempt}: {len(running)} pods running", now, generation)
@@ -292,7 +292,7 @@ def _next_attempt(owner, spec, stage, ours, plan, now, defaults, resolved, obser
     entry.update(attempt=attempt, state=State.PENDING.value)
     entry.setdefault("startTime", rfc3339(now))
     set_condition(status, "Created", True, Reason.CREATED, f"created Job {job_name(owner.name, stage, attempt)}", now, generation)
-    plan.events.append(("Normal", "AttemptCreated", f"stage {stage}: created attempt {attempt} ({spec.resources.nodes} pods)"))
+    plan.events.append(("Normal", "AttemptCreated", f"stage {stage}: created attempt {attempt} ({stage_pods(owner.kind, spec, stage).pods} pods)"))
     if spec.queue_name:
         enter(status, State.QUEUED, Reason.QUEUED, f"Job {job_name(owner.name, stage, attempt)} waits in queue {spec.queue_name}", now, generation)
     elif state_of(status) not in (State.RESTARTING,):

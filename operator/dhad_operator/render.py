@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from dhad_api.jobs import API_VERSION, KINDS, JobSpec, KindInfo, RLAIFJobSpec, SFTJobSpec
+from dhad_api.jobs import API_VERSION, KINDS, JobSpec, KindInfo, RLAIFJobSpec, SFTJobSpec, stage_pods
 from dhad_api.naming import config_map_name, job_name, master_address, service_name
 from dhad_api.reasons import NAMESPACE_ENV, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
 
@@ -107,12 +107,12 @@ def _secret_env(name: str, ref) -> dict:
 
 def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int) -> list[dict]:
     storage = spec.storage
-    gpus = spec.resources.gpus_per_node
+    pods = stage_pods(owner.kind, spec, stage)
     env = [
         {"name": "MASTER_ADDR", "value": master_address(owner.name, owner.info.code, stage, attempt)},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "NNODES", "value": str(spec.resources.nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(max(gpus, 1))},
+        {"name": "NNODES", "value": str(pods.pods)},
+        {"name": "NPROC_PER_NODE", "value": str(pods.procs_per_pod)},
         {"name": "DHAD_STAGE", "value": stage},
         {"name": "DHAD_ATTEMPT", "value": str(attempt)},
         {"name": "DHAD_JOB_UID", "value": owner.uid},
@@ -129,6 +129,8 @@ def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int) -> list[d
     for var, endpoint in _endpoints(spec):
         if endpoint.api_key_secret_ref:
             env.append(_secret_env(var, endpoint.api_key_secret_ref))
+    if spec.hf_token_secret_ref:
+        env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref))
     for var in spec.env:
         env.append({"name": var.name, "value": var.value} if var.value is not None
                    else {"name": var.name, "valueFrom": {"secretKeyRef": var.value_from.secret_key_ref.model_dump()}})
@@ -150,10 +152,10 @@ RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"dro
                         "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _resources(spec: JobSpec) -> dict:
+def _resources(spec: JobSpec, gpus: int) -> dict:
     limits: dict[str, str] = {}
-    if spec.resources.gpus_per_node:
-        limits["nvidia.com/gpu"] = str(spec.resources.gpus_per_node)
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
     if spec.resources.cpu:
         limits["cpu"] = spec.resources.cpu
     if spec.resources.memory:
@@ -178,6 +180,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
                  avoid_nodes: list[str] | None = None) -> dict:
     """One attempt of one (sub-)stage: an Indexed Job, one pod per node, no per-pod retries."""
     name = job_name(owner.name, stage, attempt)
+    pods = stage_pods(owner.kind, spec, stage)
     labels = {**owner.labels(), LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}
     pod = spec.pod_template
     pod_spec = {
@@ -191,7 +194,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
             "image": spec.image or defaults.trainer_image,
             "command": ["python", "-m", "dhad_trainer", "launch", JOB_FILE],
             "env": trainer_env(owner, spec, stage, attempt),
-            "resources": _resources(spec),
+            "resources": _resources(spec, pods.gpus_per_pod),
             "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
             "volumeMounts": [{"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
                              {"name": "dshm", "mountPath": "/dev/shm"}, *pod.volume_mounts],
@@ -209,7 +212,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
     job_labels = dict(labels)
     if spec.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
-    nodes = spec.resources.nodes
+    nodes = pods.pods
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": _meta(owner, name, {LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}) | {"labels": job_labels},

@@ -119,6 +119,7 @@ def test_rlaif_runs_feedback_reward_policy_in_order(kube, namespace, dhad_operat
 
 def test_sft_with_respond_runs_both_sub_stages(kube, namespace, dhad_operator):
     sft = tiny("sft", podTemplate=FINISH)
+    sft["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 8}
     sft["spec"]["respond"] = {
         "prompts": [{"uri": "s3://dhad-demo/data/arabic_prompts.jsonl", "schema": "prompt-completion"}],
         "teacher": {"endpoint": {"baseUrl": "https://teacher.example/v1", "model": "teacher-large",
@@ -132,5 +133,13 @@ def test_sft_with_respond_runs_both_sub_stages(kube, namespace, dhad_operator):
     respond_pod = next(p for p in pods(kube, namespace, "tiny-sft") if p.metadata.labels["dhad.dev/stage"] == "respond")
     env = {e.name: e for e in respond_pod.spec.containers[0].env}
     assert env["DHAD_STAGE"].value == "respond"
+    by_stage = {}
+    for p in pods(kube, namespace, "tiny-sft"):
+        by_stage.setdefault(p.metadata.labels["dhad.dev/stage"], []).append(p)
+    assert len(by_stage["respond"]) == 1  # only rank 0 answers: one pod, no GPU for an endpoint teacher
+    assert "nvidia.com/gpu" not in (respond_pod.spec.containers[0].resources.limits or {})
+    assert env["NNODES"].value == "1" and env["NPROC_PER_NODE"].value == "1"
+    assert len(by_stage["sft"]) == 2  # the training gang
+    assert all(p.spec.containers[0].resources.limits["nvidia.com/gpu"] == "8" for p in by_stage["sft"])
     assert env["DHAD_TEACHER_API_KEY"].value_from.secret_key_ref.name == "teacher"
     assert done["status"]["outputModel"].endswith("/sft/model")

@@ -1,8 +1,10 @@
 """Test entry point: what the runtime's worker does, minus S3. Launched by torchrun with a job.json listing
 steps (stage, spec kind and dict, model_dir, root, inputs); starts the gloo process group once, builds each
 StageRun from torchrun's env and calls `dhad_trainer.stages.<stage>.run` in order (several stages share
-one launch to save process start-up). Each rank writes root/result-rank<r>.json per step, with the sha256
-of the weights it ended training with (None for a stage that does not train)."""
+one launch to save process start-up). A spec's `distributed` is honoured as the worker does it: DeepSpeed's
+config (and comm layer) or FSDP's arguments reach the StageRun. Each rank writes root/result-rank<r>.json
+per step, with the sha256 of the weights it ended training with under plain DDP (None for a stage that
+does not train, and under ZeRO-3 or FSDP, where a rank holds shards)."""
 
 from __future__ import annotations
 
@@ -19,12 +21,22 @@ from dhad_trainer.stages.base import StageRun
 
 def run_step(step: dict, rank: int, world: int) -> None:
     root = Path(step["root"])
+    from dhad_trainer.runtime import deepspeed_config, fsdp_config
+
     spec = getattr(jobs, step["kind"]).model_validate(step["spec"])
-    digest = WeightsDigest(rank)
+    ds = deepspeed_config.build(spec.distributed, use_cpu=True)
+    if ds is not None:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    fsdp = fsdp_config.build(spec.distributed, 1, world)
+    if fsdp is not None:
+        fsdp_config.enable_on_cpu()
+    digest = WeightsDigest(rank)  # replicas only: ZeRO-3 and FSDP ranks hold shards
     run = StageRun(spec=spec, stage=step["stage"], model_dir=Path(step["model_dir"]), work_dir=root / "work",
-                   output_dir=root / "out", inputs={k: Path(v) for k, v in step["inputs"].items()},
-                   rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True,
-                   callbacks=[digest])
+                   output_dir=root / "out", inputs={k: Path(v) for k, v in step["inputs"].items()}, deepspeed=ds,
+                   fsdp=fsdp, rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True,
+                   callbacks=[digest] if ds is None and fsdp is None else [])
     result = importlib.import_module(f"dhad_trainer.stages.{step['stage']}").run(run)
     doc = {"metrics": result.metrics, "model_dir": str(result.model_dir) if result.model_dir else None,
            "output_dir": str(run.output_dir), "world_size": world, "weights_sha256": digest.sha256}

@@ -28,6 +28,9 @@ def test_zero_stage_and_offload(spec, stage, optimizer_offload, param_offload):
     assert zero.get("stage3_gather_16bit_weights_on_model_save", False) == (stage == 3)
     assert config["train_micro_batch_size_per_gpu"] == config["gradient_accumulation_steps"] == "auto"
     assert "scheduler" not in config  # HF's warmup + cosine, as in DDP runs
+    # DeepSpeed's own Adam only with offload (its CPU Adam); otherwise torch's fused AdamW, no op to compile
+    assert ("optimizer" in config) == optimizer_offload
+    assert deepspeed_config.needed_ops(Distributed.model_validate(spec)) == (["cpu_adam"] if optimizer_offload else [])
     assert zero["overlap_comm"] is True and zero.get("offload_optimizer", {}).get("pin_memory", True) is True
 
 
@@ -74,7 +77,7 @@ def test_hf_trainer_fills_auto_values_from_the_spec(tmp_path, one_process_group)
     filled = args.hf_deepspeed_config.config
     assert filled["train_micro_batch_size_per_gpu"] == 4 and filled["gradient_accumulation_steps"] == 8
     assert filled["train_batch_size"] == 4 * 8 * args.world_size and filled["gradient_clipping"] == 0.7
-    params = filled["optimizer"]["params"]
-    assert params["lr"] == 3e-4 and params["betas"] == [0.9, 0.97] and params["weight_decay"] == 0.1
+    assert "optimizer" not in filled and args.optim == "adamw_torch_fused"  # HF builds torch's fused AdamW
+    assert args.learning_rate == 3e-4 and (args.adam_beta1, args.adam_beta2) == (0.9, 0.97) and args.weight_decay == 0.1
     assert filled["bf16"]["enabled"] is False and filled["fp16"]["enabled"] is False  # fp32 on CPU
     assert config["train_micro_batch_size_per_gpu"] == "auto"  # the spec's config is not mutated

@@ -1,6 +1,7 @@
-"""The Dockerfiles, read without a Docker engine: each image installs exactly its dependency group from
-pyproject.toml (with pyproject's version bounds), on the Python pyproject requires, as a non-root
-user, and the trainer's entrypoint is the launcher."""
+"""The Dockerfiles, read without a Docker engine: each image installs exactly its dependency groups from
+pyproject.toml (with pyproject's version bounds) in its final stage, on the Python pyproject requires, as
+a non-root user, and the trainer's entrypoint is the launcher. Every feature the GPU examples use comes
+from the trainer image's groups, and no op is left for nvcc at run time."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 IMAGES = {"operator": REPO / "images" / "operator" / "Dockerfile", "trainer": REPO / "images" / "trainer" / "Dockerfile"}
-VALUE_OPTIONS = {"-i", "--index-url", "--extra-index-url", "-f", "--find-links", "--target", "--prefix", "--root"}
+IMAGE_GROUPS = {"operator": ("operator",), "trainer": ("trainer", "gpu")}
+VALUE_OPTIONS = {"-i", "--index-url", "--extra-index-url", "-f", "--find-links", "--target", "--prefix", "--root",
+                 "--only-binary", "--no-binary", "-w", "--wheel-dir"}
 
 
-def instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, with comments dropped and continuation lines joined."""
+def instructions(path: Path, final_stage: bool = False) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with comments dropped and continuation lines joined; `final_stage`
+    keeps only what follows the last FROM (the image that ships; earlier stages only build)."""
     out, buffer = [], ""
     for line in path.read_text().splitlines():
         stripped = line.strip()
@@ -34,11 +38,14 @@ def instructions(path: Path) -> list[tuple[str, str]]:
         op, _, rest = (buffer + stripped).partition(" ")
         out.append((op.upper(), rest.strip()))
         buffer = ""
+    if final_stage:
+        last = max(i for i, (op, _) in enumerate(out) if op == "FROM")
+        out = out[last:]
     return out
 
 
-def args_of(path: Path, op: str) -> list[str]:
-    return [rest for name, rest in instructions(path) if name == op]
+def args_of(path: Path, op: str, final_stage: bool = False) -> list[str]:
+    return [rest for name, rest in instructions(path, final_stage) if name == op]
 
 
 def base_image(path: Path) -> str:
@@ -47,10 +54,10 @@ def base_image(path: Path) -> str:
     return re.sub(r"\$\{?(\w+)\}?", lambda m: args[m.group(1)], image)
 
 
-def commands(path: Path) -> list[list[str]]:
-    """Every shell command of every RUN, split on &&, || and ;."""
+def commands(path: Path, final_stage: bool = True) -> list[list[str]]:
+    """Every shell command of every RUN (of the final stage), split on &&, || and ;."""
     out: list[list[str]] = []
-    for run in args_of(path, "RUN"):
+    for run in args_of(path, "RUN", final_stage):
         current: list[str] = []
         for token in shlex.split(run):
             if token in ("&&", "||", ";"):
@@ -110,13 +117,63 @@ def env(path: Path) -> dict[str, str]:
     return dict(item.split("=", 1) for rest in args_of(path, "ENV") for item in shlex.split(rest))
 
 
-@pytest.mark.parametrize("group", IMAGES)
-def test_image_installs_exactly_its_group_with_pyprojects_bounds(group):
-    installed = requirements(pip_targets(IMAGES[group]))
-    expected = {canonicalize_name(Requirement(r).name): Requirement(r).specifier
-                for r in PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"][group]}
-    assert installed == expected
-    assert pip_targets(IMAGES[group]) == [f".[{group}]"]
+def group_requirements(groups) -> dict[str, SpecifierSet]:
+    reqs = PYPROJECT["project"]["dependencies"] + [r for g in groups for r in PYPROJECT["project"]["optional-dependencies"][g]]
+    return {canonicalize_name(Requirement(r).name): Requirement(r).specifier for r in reqs}
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_image_installs_exactly_its_groups_with_pyprojects_bounds(image):
+    installed = requirements(pip_targets(IMAGES[image]))
+    assert installed == group_requirements(IMAGE_GROUPS[image])
+    assert pip_targets(IMAGES[image]) == [f".[{','.join(IMAGE_GROUPS[image])}]"]
+
+
+def transitive(names: set[str]) -> set[str]:
+    """Names plus what their installed distributions require (what pip would bring), where installed here."""
+    from importlib import metadata
+
+    seen, todo = set(), list(names)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [Requirement(r).name for r in requires if "extra ==" not in r]
+    return seen
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "gpu").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_feature_of_the_gpu_examples_comes_with_the_trainer_image(path):
+    import yaml
+
+    from dhad_api.jobs import parse_spec, stages_for
+    from dhad_trainer.runtime.preflight import packages_needed
+
+    doc = yaml.safe_load(path.read_text())
+    spec = parse_spec(doc["kind"], doc["spec"])
+    provided = transitive(set(requirements(pip_targets(IMAGES["trainer"]))))
+    needed = packages_needed(spec, stages_for(doc["kind"], spec))
+    missing = {name: why for name, why in needed.items() if canonicalize_name(name) not in provided}
+    assert not missing, f"{path.name} uses features the trainer image does not install: {missing}"
+    if doc["kind"] == "RLAIFJob":
+        assert "vllm" in needed  # the example that broke: useVllm with vLLM in no group
+
+
+def test_flash_attn_is_built_in_a_devel_stage_and_installed_as_a_wheel():
+    """No nvcc at run time: the runtime base has none, so flash-attn's kernels are compiled in the devel stage."""
+    first = instructions(IMAGES["trainer"])
+    froms = [rest for op, rest in first if op == "FROM"]
+    args = dict(a.split("=", 1) for a in args_of(IMAGES["trainer"], "ARG") if "=" in a)
+    assert len(froms) == 2 and "devel" in args[froms[0].split()[0].strip("${}")] and "runtime" in base_image(IMAGES["trainer"])
+    built = " ".join(args_of(IMAGES["trainer"], "RUN")[:3])
+    assert "pip wheel --no-build-isolation" in built and "flash-attn" in built
+    final = " ".join(args_of(IMAGES["trainer"], "RUN", final_stage=True))
+    assert "--only-binary flash-attn" in final and "--find-links /wheels" in final
 
 
 @pytest.mark.parametrize("group", IMAGES)

@@ -169,17 +169,20 @@ def test_earliest_worker_failure_names_the_exit(tmp_path):
 
 
 def test_torchrun_command_and_thread_budget(model_dir, monkeypatch):
-    for name in ("DHAD_NPROC_PER_NODE",):
+    for name in ("DHAD_NPROC_PER_NODE", "NNODES", "NPROC_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
     monkeypatch.setenv("MASTER_ADDR", "job-pt-1-0.job-pt")
     doc = job_doc(model_dir, str(DEFAULT_CORPUS), nodes=4)
     doc["spec"]["resources"]["gpusPerNode"] = 8
-    cmd, nproc = launcher.torchrun_command(Job.model_validate(doc), "/etc/dhad/job.json")
+    cmd, nproc = launcher.torchrun_command(Job.model_validate(doc), "/etc/dhad/job.json", "pretrain")
     line = " ".join(cmd)
     assert nproc == 8 and "--nnodes 4 --nproc-per-node 8 --node-rank 3 --master-addr job-pt-1-0.job-pt" in line
     assert line.endswith("-m dhad_trainer worker /etc/dhad/job.json")
-
+    monkeypatch.setenv("NNODES", "1")  # the operator's env for this sub-stage (stage_pods) wins over the spec
+    monkeypatch.setenv("NPROC_PER_NODE", "1")
+    cmd, nproc = launcher.torchrun_command(Job.model_validate(doc), "/etc/dhad/job.json", "pretrain")
+    assert nproc == 1 and "--nnodes 1 --nproc-per-node 1 " in " ".join(cmd)
 
 
 def test_cpu_count_is_the_affinity_capped_by_the_cgroup_quota(tmp_path):

@@ -186,8 +186,7 @@ def _walk_env(obj):
 
 
 def test_storage_credentials_come_only_from_secret_key_refs():
-    doc = load("sft", env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
-                           {"name": "LOG_LEVEL", "value": "debug"}])
+    doc = load("sft", env=[{"name": "LOG_LEVEL", "value": "debug"}], hfTokenSecretRef={"name": "hf", "key": "token"})
     doc["spec"]["storage"]["secretRef"] = {"name": "s3-creds", "accessKeyIdKey": "id", "secretAccessKeyKey": "key"}
     _, _, children, job = render(doc)
     env = env_of(job)
@@ -289,6 +288,23 @@ def test_sft_teacher_endpoint_key_comes_from_its_secret():
     env = env_of(render(sft_with_respond(), stage="respond")[3])
     assert env["DHAD_TEACHER_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "llm-key", "key": "token"}}
     assert env["DHAD_STAGE"]["value"] == "respond"
+
+
+@pytest.mark.parametrize(("teacher", "gpus"), [("endpoint", None), ("model", "1"), ("vllm", "1")])
+def test_respond_asks_for_one_pod_not_the_training_gang(teacher, gpus):
+    """Only rank 0 answers prompts: one pod, one process, one GPU for a local teacher, none for an endpoint."""
+    doc = sft_with_respond()
+    doc["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 8}
+    if teacher != "endpoint":
+        doc["spec"]["respond"]["teacher"] = {"model": {"uri": "s3://dhad-demo/models/teacher"}, "useVllm": teacher == "vllm"}
+    job = render(doc, stage="respond")[3]
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1
+    assert container(job)["resources"]["limits"].get("nvidia.com/gpu") == gpus
+    env = env_of(job)
+    assert env["NNODES"]["value"] == "1" and env["NPROC_PER_NODE"]["value"] == "1"
+    train = render(doc, stage="sft")[3]  # the training sub-stage keeps the gang
+    assert train["spec"]["completions"] == 2 and container(train)["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert env_of(train)["NNODES"]["value"] == "2" and env_of(train)["NPROC_PER_NODE"]["value"] == "8"
 
 
 def test_eval_judge_endpoint_key_comes_from_its_secret():

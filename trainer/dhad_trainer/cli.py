@@ -138,6 +138,62 @@ def duplicates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest_lookup(paths: list[Path]):
+    """fromJob -> the referenced manifest's spec: the given files first, then their folders' other manifests."""
+    docs: dict[tuple[str, str], dict] = {}
+    for folder in {p.resolve().parent for p in paths}:
+        for other in sorted(folder.glob("*.y*ml")):
+            try:
+                doc = yaml.safe_load(other.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(doc, dict) and "kind" in doc and "spec" in doc:
+                docs.setdefault((doc["kind"], doc["metadata"]["name"]), doc["spec"])
+    for path in paths:
+        doc = load_manifest(path)
+        docs[(doc["kind"], doc["metadata"]["name"])] = doc["spec"]
+    return lambda kind, name: docs.get((kind, name))
+
+
+def format_plan(plan, verdict) -> str:
+    from dhad_api.plan import gib
+
+    lines = [f"model {plan.architecture.name}: {plan.architecture.parameters / 1e9:.2f} B parameters; "
+             f"GPU {plan.gpu.name + ' ' + gib(plan.gpu.memory) if plan.gpu else 'unknown'}; MFU {plan.mfu:.0%}"]
+    for stage in plan.stages:
+        lines.append(f"  {stage.stage}: {stage.strategy}, {stage.processes} process(es): {gib(stage.total)} per GPU")
+        for name, value in stage.components:
+            lines.append(f"    {name:<64} {gib(value):>10}")
+        if stage.cpu_per_node:
+            lines.append(f"    {'CPU memory per node (offload)':<64} {gib(stage.cpu_per_node):>10}")
+        if stage.tokens_per_step:
+            when = f", {stage.step_seconds:.1f} s per step" if stage.step_seconds else ""
+            lines.append(f"    tokens per optimizer step {stage.tokens_per_step:,}{when}")
+        lines += [f"    note: {n}" for n in stage.notes]
+    lines.append(f"Planned={verdict.status} ({verdict.reason}): {verdict.message}")
+    return "\n".join(lines)
+
+
+@command("plan")
+def plan_memory(args: argparse.Namespace) -> int:
+    from dhad_api.jobs import parse_spec
+    from dhad_api.plan import Architecture, planned_condition
+
+    doc = load_manifest(args.file)
+    spec = parse_spec(doc["kind"], doc["spec"])
+    if args.gpu_memory:
+        spec = spec.model_copy(update={"plan": spec.plan.model_copy(update={"gpu_memory": args.gpu_memory})})
+    arch = None
+    if args.model_config:
+        arch = Architecture.from_config(json.loads(Path(args.model_config).read_text()), Path(args.model_config).parent.name)
+    verdict = planned_condition(doc["kind"], spec, lookup=_manifest_lookup([args.file]), mfu=args.mfu, architecture=arch)
+    if verdict.plan is None:
+        print(f"Planned={verdict.status} ({verdict.reason}): {verdict.message}")
+        return 1
+    print(format_plan(verdict.plan, verdict))
+    return 0 if verdict.status != "False" else 2
+
+
 @command("eval-references")
 def eval_references(args: argparse.Namespace) -> int:
     from dhad_trainer.evaluation.references import write_references
@@ -212,6 +268,11 @@ def parser() -> argparse.ArgumentParser:
                    help="embedded: start a SeaweedFS S3 server for the run; env: use AWS_* from the environment")
     p.add_argument("--put", action="append", default=[], metavar="LOCAL=s3://bucket/key",
                    help="upload a local file or folder into the store before running")
+    p = sub.add_parser("plan", help="per-GPU memory, tokens per step and time per step of a manifest, as the operator checks it")
+    p.add_argument("-f", "--file", required=True, type=Path, help="job manifest (fromJob is read from manifests beside it)")
+    p.add_argument("--gpu-memory", help="one GPU's memory, for example 80Gi (default: plan.gpuMemory or the nodeSelector's product)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the time estimate assumes (default 0.4)")
+    p.add_argument("--model-config", help="a config.json for a model whose architecture Dhad does not know")
     p = sub.add_parser("demo", help="the Dhad recipe on tiny models, on this machine")
     p.add_argument("--workdir", type=Path, default=Path("out/demo"))
     return top

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stages_for
+from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stage_pods, stages_for
 from dhad_api.layout import model_uri, output_root
 from dhad_api.reasons import NO_RETRY, ExitCode
 from dhad_api.references import resolve_models
@@ -81,16 +81,17 @@ def _watch(progress_file: Path, procs: list[subprocess.Popen], stage: str, show:
 
 
 def run_stage(job_file: Path, spec: JobSpec, stage: str, attempt: int, session: Session, logs: Path) -> int:
-    """One attempt of one sub-stage: `nodes` launchers, as the Indexed Job's pods would be."""
+    """One attempt of one sub-stage: one launcher per pod of its Indexed Job (`stage_pods`)."""
+    pods = stage_pods(None, spec, stage)
     port = free_port()
     progress_file = logs / f"{stage}-progress.jsonl"
     procs = []
-    for index in range(spec.resources.nodes):
+    for index in range(pods.pods):
         env = {**os.environ, **session.env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "JOB_COMPLETION_INDEX": str(index), "DHAD_STAGE": stage, "DHAD_ATTEMPT": str(attempt),
                "DHAD_PROGRESS_FILE": str(progress_file), "DHAD_PROGRESS_INTERVAL": env_interval(),
                "DHAD_TERMINATION_LOG": str(logs / f"{stage}-{attempt}-{index}.termination"),
-               "DHAD_NPROC_PER_NODE": str(max(spec.resources.gpus_per_node, 1)),
+               "NNODES": str(pods.pods), "DHAD_NPROC_PER_NODE": str(pods.procs_per_pod),
                # a pod's own disk: every node and attempt starts with an empty scratch folder
                "DHAD_WORK_DIR": str(logs / "scratch" / f"attempt-{attempt}" / f"node-{index}")}
         log = open(logs / f"{stage}-{attempt}-{index}.log", "ab")  # noqa: SIM115 - owned by the child

@@ -114,18 +114,32 @@ class PreemptionCallback(TrainerCallback):
 
 
 class TestHooks(TrainerCallback):
-    """Faults for tests: DHAD_TEST_CRASH_AT_STEP=N raises on DHAD_TEST_CRASH_RANK (default 0) once step N's
-    checkpoint upload (if any) is complete; DHAD_TEST_STEP_SECONDS slows every step down."""
+    """Faults and probes for tests: DHAD_TEST_CRASH_AT_STEP=N raises on DHAD_TEST_CRASH_RANK (default 0) once
+    step N's checkpoint upload (if any) is complete; DHAD_TEST_STEP_SECONDS slows every step down;
+    DHAD_TEST_PARAMS_LOG=path makes every rank write, when training begins, the parameter elements it holds
+    (a sharded parameter's local shard) and their dtypes to path.rank<r>."""
 
     def __init__(self, checkpoint: CheckpointCallback, cluster: Cluster) -> None:
         self.crash_at = int(os.environ.get("DHAD_TEST_CRASH_AT_STEP", "0"))
         self.crash_rank = int(os.environ.get("DHAD_TEST_CRASH_RANK", "0"))
         self.sleep = float(os.environ.get("DHAD_TEST_STEP_SECONDS", "0"))
+        self.params_log = os.environ.get("DHAD_TEST_PARAMS_LOG")
         self.checkpoint, self.cluster = checkpoint, cluster
 
     @classmethod
     def wanted(cls) -> bool:
-        return any(k in os.environ for k in ("DHAD_TEST_CRASH_AT_STEP", "DHAD_TEST_STEP_SECONDS"))
+        return any(k in os.environ for k in ("DHAD_TEST_CRASH_AT_STEP", "DHAD_TEST_STEP_SECONDS", "DHAD_TEST_PARAMS_LOG"))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not self.params_log or model is None:
+            return
+        import json
+
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+        record = {"rank": self.cluster.rank, "local": sum(t.numel() for t in local),
+                  "full": sum(p.numel() for p in model.parameters()), "dtypes": sorted({str(t.dtype) for t in local}),
+                  "type": type(model).__name__}
+        Path(f"{self.params_log}.rank{self.cluster.rank}").write_text(json.dumps(record))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.sleep:

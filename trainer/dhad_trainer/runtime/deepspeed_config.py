@@ -3,8 +3,14 @@
 Batch size, accumulation, clipping, optimizer hyper-parameters and precision are "auto", so HF
 Trainer fills them from the same TrainingArguments every stage builds with `training_arguments()`
 and they can never disagree. No scheduler section: HF's scheduler (warmup + cosine to a floor) is the
-same one DDP runs use. The optimizer section lets DeepSpeed pick its fused/CPU Adam (the only fast
-choice with offload). With ZeRO-3, `stage3_gather_16bit_weights_on_model_save` makes `save_model`
+same one DDP runs use.
+
+Optimizer: without offload there is no optimizer section, so HF builds torch's fused AdamW
+(`optim=adamw_torch_fused` in `training_arguments()`) and DeepSpeed runs it as a client optimizer on its
+fp32 master partitions: no DeepSpeed op is compiled at run time (its own FusedAdam is built with nvcc on
+first use, and the trainer image is a CUDA runtime base without nvcc). With optimizer offload the section
+asks for AdamW, which DeepSpeed maps to its CPU Adam: C++ built with g++ (-march=native, so on the node that
+runs it) at first use, which the launcher's pre-flight checks it can build. With ZeRO-3, `stage3_gather_16bit_weights_on_model_save` makes `save_model`
 write whole weights, not empty placeholders.
 
 The config must exist before the model is loaded: TrainingArguments(deepspeed=...) registers it, and
@@ -35,11 +41,12 @@ def build(distributed: Distributed, use_cpu: bool) -> dict | None:
             "stage3_prefetch_bucket_size": AUTO,
             "stage3_param_persistence_threshold": AUTO,
         })
-    if distributed.offload in (Offload.OPTIMIZER, Offload.OPTIMIZER_AND_PARAMETERS):
+    offload = distributed.offload in (Offload.OPTIMIZER, Offload.OPTIMIZER_AND_PARAMETERS)
+    if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not use_cpu}
     if distributed.offload == Offload.OPTIMIZER_AND_PARAMETERS:
         zero["offload_param"] = {"device": "cpu", "pin_memory": not use_cpu}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": AUTO,
         "gradient_accumulation_steps": AUTO,
         "train_batch_size": AUTO,
@@ -47,11 +54,20 @@ def build(distributed: Distributed, use_cpu: bool) -> dict | None:
         "bf16": {"enabled": AUTO},
         "fp16": {"enabled": AUTO},
         "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": {"lr": AUTO, "betas": AUTO, "eps": AUTO, "weight_decay": AUTO}},
-        "zero_allow_untested_optimizer": True,
+        "zero_allow_untested_optimizer": True,  # torch's AdamW as DeepSpeed's client optimizer
         "steps_per_print": 10**9,  # HF logs progress; DeepSpeed's own prints would only repeat it
         "wall_clock_breakdown": False,
     }
+    if offload:
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": AUTO, "betas": AUTO, "eps": AUTO, "weight_decay": AUTO}}
+    return config
+
+
+def needed_ops(distributed: Distributed) -> list[str]:
+    """DeepSpeed ops `build(distributed)` makes DeepSpeed load (built at first use unless prebuilt)."""
+    if distributed.strategy != Strategy.DEEPSPEED:
+        return []
+    return ["cpu_adam"] if distributed.offload != Offload.NONE else []
 
 
 def resolve(config: dict, micro_batch: int, accumulation: int, world_size: int, *, max_grad_norm: float = 1.0,

@@ -1,7 +1,9 @@
 """The pod entrypoint: check the job and everything it references, then run torchrun and explain its exit.
 
 Checks run before any GPU time and without torch (seconds, not minutes): the spec parses, the stage
-exists, the bucket exists, the model and every dataset path exist and are not empty. A failure exits
+exists, the bucket exists, the models and dataset paths exist and are not empty. In the job's first
+sub-stage they cover every later sub-stage too, with `preflight.check_job` (vLLM, flash-attn, DeepSpeed
+ops, gated hf:// access, work-volume space), so nothing fails for want of them after GPU time was spent. A failure exits
 BAD_CONFIG or DATA_ERROR (the operator does not retry those) with a JSON termination message
 {"reason", "message"}. torchrun exits 1 for any worker failure, so each failing worker writes its
 reason into DHAD_RUN_DIR and the launcher exits with the earliest one's code. SIGTERM (eviction,
@@ -21,11 +23,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dhad_api.jobs import Job, JobSpec, PretrainJobSpec, RLAIFJobSpec, SFTJobSpec, stages_for
+from dhad_api.jobs import Job, JobSpec, PretrainJobSpec, RLAIFJobSpec, SFTJobSpec, stage_pods, stages_for
 from dhad_api.layout import MANIFEST
 from dhad_api.layout import output_root as layout_root
 from dhad_api.reasons import EXIT_REASONS, TERMINATION_LOG_ENV, ExitCode, Reason
 from dhad_trainer.data.readers import DataError, resolve
+from dhad_trainer.runtime import preflight
 from dhad_trainer.storage.base import StorageError
 from dhad_trainer.storage.routing import RoutingStore, open_store
 
@@ -78,6 +81,8 @@ def data_uris(spec: JobSpec, stage: str) -> list[str]:
         uris += [spec.vocabulary.corpus] if spec.vocabulary.corpus else []
     elif isinstance(spec, SFTJobSpec) and stage == "sft":
         uris = [d.uri for d in spec.data]
+    elif isinstance(spec, SFTJobSpec) and stage == "respond":
+        uris = [p.uri for p in spec.respond.prompts]
     elif isinstance(spec, RLAIFJobSpec) and stage == "feedback":
         uris = [p.uri for p in spec.feedback.prompts]
     return [u for u in uris if not u.startswith("hf://")]
@@ -99,7 +104,9 @@ def validate(job: Job, stage: str) -> None:
     model = job.resolved.model_uri or spec.model.uri
     if not model:
         raise ConfigError("model: fromJob is not resolved yet (no resolved.modelUri in the job file)")
-    for field, uri in (("model.uri", model), ("model.tokenizer", spec.model.tokenizer)):
+    first = stage == stages[0]
+    models = preflight.model_references(job, spec) if first else [("model.uri", model), ("model.tokenizer", spec.model.tokenizer)]
+    for field, uri in models:
         if uri and not uri.startswith("hf://"):
             target = open_store(uri, spec.storage)
             if not any(target.exists(f"{uri.rstrip('/')}/{name}") for name in ("config.json", "tokenizer_config.json")):
@@ -109,10 +116,15 @@ def validate(job: Job, stage: str) -> None:
         if not target.exists(f"{spec.checkpoint.resume_from.rstrip('/')}/{MANIFEST}"):
             raise ConfigError(f"checkpoint.resumeFrom: {spec.checkpoint.resume_from} is not a complete checkpoint (no {MANIFEST})")
     data = RoutingStore(spec.storage)
-    for uri in data_uris(spec, stage):
+    for uri in [u for s in (stages if first else [stage]) for u in data_uris(spec, s)]:
         paths = resolve(uri, data)
         if not any(data.size(p) > 0 for p in paths):
             raise DataError(f"{uri}: empty dataset (all {len(paths)} file(s) are empty)")
+    if first:
+        try:
+            preflight.check_job(job)
+        except preflight.PreflightError as error:
+            raise ConfigError(str(error)) from None
 
 
 def write_termination(reason: Reason, message: str) -> None:
@@ -136,10 +148,14 @@ def cpu_count(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return cores
 
 
-def torchrun_command(job: Job, job_file: str) -> tuple[list[str], int]:
+def torchrun_command(job: Job, job_file: str, stage: str) -> tuple[list[str], int]:
+    """torchrun for this pod: --nnodes/--nproc-per-node from the operator's NNODES/NPROC_PER_NODE (the
+    sub-stage's own pod count, `stage_pods`), which local mode and tests may override with DHAD_NPROC_PER_NODE."""
     spec = job.typed_spec()
-    nproc = int(os.environ.get("DHAD_NPROC_PER_NODE") or spec.resources.gpus_per_node or 1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(spec.resources.nodes),
+    pods = stage_pods(job.kind, spec, stage)
+    nnodes = int(os.environ.get("NNODES") or pods.pods)
+    nproc = int(os.environ.get("DHAD_NPROC_PER_NODE") or os.environ.get("NPROC_PER_NODE") or pods.procs_per_pod)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
            "--nproc-per-node", str(nproc), "--node-rank", os.environ.get("JOB_COMPLETION_INDEX", "0"),
            "--master-addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
            "--master-port", os.environ.get("MASTER_PORT", "29500"), "--max-restarts", "0",
@@ -172,7 +188,7 @@ def launch(job_file: str) -> int:
         log.error("%s: %s", reason.value, error)
         write_termination(reason, str(error))
         return CODES[reason]
-    cmd, nproc = torchrun_command(job, job_file)
+    cmd, nproc = torchrun_command(job, job_file, stage)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // nproc)))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dhad" / "torch-extensions"))

@@ -138,7 +138,7 @@ def stage_inputs(job, spec: JobSpec, stage: str, root: str) -> dict[str, str]:
 
 
 def work(job_file: str) -> dict:
-    from dhad_trainer.runtime import distributed
+    from dhad_trainer.runtime import distributed, fsdp_config
     from dhad_trainer.runtime.callbacks import (
         CheckpointCallback,
         PreemptionCallback,
@@ -156,11 +156,15 @@ def work(job_file: str) -> dict:
     spec = job.typed_spec()
     stage = os.environ.get("DHAD_STAGE") or stages_for(job.kind, spec)[0]
     ds_config = build(spec.distributed, not torch_cuda())
-    cluster = distributed.setup(always=ds_config is not None)
+    sharded = ds_config is not None or spec.distributed.strategy.value == "fsdp"
+    cluster = distributed.setup(always=sharded)  # DeepSpeed and FSDP want a process group even alone
     if ds_config is not None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo" if cluster.use_cpu else "nccl")
+    fsdp = fsdp_config.build(spec.distributed, cluster.nnodes, cluster.local_world_size)
+    if fsdp is not None and cluster.use_cpu:
+        fsdp_config.enable_on_cpu()
     seed_everything(training_seed(spec, stage))
 
     root = output_root(job)
@@ -200,7 +204,7 @@ def work(job_file: str) -> dict:
         callbacks.append(WeightsDigest(cluster.rank, os.environ[WeightsDigest.ENV]))
     run = StageRun(
         spec=spec, stage=stage, model_dir=model_dir, work_dir=work_dir, output_dir=work_dir / "output", inputs=inputs,
-        data_store=RoutingStore(spec.storage), resume_from=resume_dir, callbacks=callbacks, deepspeed=ds_config,
+        data_store=RoutingStore(spec.storage), resume_from=resume_dir, callbacks=callbacks, deepspeed=ds_config, fsdp=fsdp,
         rank=cluster.rank, world_size=cluster.world_size, local_rank=cluster.local_rank, use_cpu=cluster.use_cpu,
     )
     run.output_dir.mkdir(parents=True, exist_ok=True)

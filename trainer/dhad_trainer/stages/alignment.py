@@ -21,7 +21,13 @@ from typing import Any
 
 from dhad_api.stages import ChatTemplate, ChatTemplateSource
 from dhad_trainer.data.chat import IM_END, IM_START, load_chat_template
-from dhad_trainer.stages.base import StageRun, training_arguments
+from dhad_trainer.stages.base import (
+    StageRun,
+    save_model,
+    stage_optimization,
+    training_arguments,
+    weights_dtype,
+)
 
 INPUT_FEEDBACK, INPUT_REWARD_MODEL, INPUT_JUDGE = "feedback", "reward_model", "judge"
 PAIRS_DIR, PROMPTS_DIR, CACHE_DIR, STATS_FILE = "pairs", "prompts", "cache", "stats.json"
@@ -133,9 +139,13 @@ def barrier(run: StageRun) -> None:
 
 
 def load_dtype(run: StageRun):
-    """The spec's model dtype; "auto" keeps the checkpoint's on GPUs and trains in float32 on CPU."""
+    """The dtype the stage's model loads in: a training stage's `weights_dtype` (fp32 master weights under
+    mixed precision); otherwise the spec's model dtype, "auto" keeping the checkpoint's on GPUs and float32 on CPU."""
     import torch
 
+    opt = stage_optimization(run)
+    if opt is not None:
+        return weights_dtype(run, opt)
     name = run.spec.model.dtype.value
     if name == "auto":
         return torch.float32 if run.use_cpu else "auto"
@@ -171,7 +181,7 @@ def chat_pairs(rows: Iterable[dict]) -> list[dict]:
 def save_final(trainer, tokenizer, run: StageRun) -> Path:
     """The trained model + tokenizer in HF format (safetensors) in run.output_dir; every rank calls it
     (ZeRO-3 gathers shards), only the main process writes."""
-    trainer.save_model(str(run.output_dir))
+    save_model(trainer, run.output_dir)
     if run.is_main:
         tokenizer.save_pretrained(run.output_dir)
     barrier(run)

@@ -3,8 +3,13 @@
 The runtime (launcher, distributed setup, model download, checkpoint store, progress) prepares a
 `StageRun`; a stage module (`stages/<name>.py`) exposes `run(stage_run) -> StageResult` and never
 touches S3 or torch.distributed setup itself. Every training stage builds its transformers/TRL
-arguments from `training_arguments()`, so precision, schedule, checkpoint cadence and DeepSpeed are
-mapped from the spec in one place.
+arguments from `training_arguments()`, so precision, schedule, checkpoint cadence, DeepSpeed and FSDP
+are mapped from the spec in one place, and loads its trainable model in `weights_dtype()`.
+
+Precision: bf16/fp16 are mixed precision everywhere. Under ddp and fsdp the trainable weights are loaded
+in fp32 (they are the master weights: HF autocasts the compute, FSDP2's MixedPrecisionPolicy gathers them
+in bf16), so AdamW updates fp32 weights with fp32 moments whatever `model.dtype` says; DeepSpeed keeps its
+own fp32 master partition, so its models load in `model.dtype`. bf16-pure loads and trains in bf16.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dhad_api.common import Strategy
 from dhad_api.jobs import JobSpec
 from dhad_api.training import Optimization, Precision, Schedule
 
@@ -31,6 +37,7 @@ class StageRun:
     resume_from: Path | None = None
     callbacks: list[Any] = field(default_factory=list)
     deepspeed: dict | None = None
+    fsdp: dict | None = None  # runtime.fsdp_config.build(): TrainingArguments' fsdp, fsdp_config, parallelism_config
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -57,11 +64,38 @@ class StageResult:
 SCHEDULERS = {Schedule.COSINE: "cosine_with_min_lr", Schedule.LINEAR: "linear", Schedule.CONSTANT: "constant_with_warmup"}
 
 
+def effective_precision(run: StageRun, opt: Optimization) -> Precision:
+    """`auto` resolved: bf16 (mixed) on GPUs, fp32 on CPU."""
+    if opt.precision == Precision.AUTO:
+        return Precision.FP32 if run.use_cpu else Precision.BF16
+    return opt.precision
+
+
+def weights_dtype(run: StageRun, opt: Optimization):
+    """The dtype a stage loads its trainable model in (see the module docstring): fp32 master weights for
+    mixed precision and fp32 under ddp/fsdp, `model.dtype` under DeepSpeed mixed precision, bf16 for bf16-pure."""
+    import torch
+
+    precision = effective_precision(run, opt)
+    if precision == Precision.BF16_PURE:
+        return torch.bfloat16
+    if precision in (Precision.BF16, Precision.FP16) and run.spec.distributed.strategy == Strategy.DEEPSPEED:
+        name = run.spec.model.dtype.value
+        return "auto" if name == "auto" else getattr(torch, name)
+    return torch.float32
+
+
+def stage_optimization(run: StageRun) -> Optimization | None:
+    """The Optimization that trains in `run.stage` (None for stages that only run models)."""
+    spec = run.spec
+    return {"pretrain": getattr(spec, "training", None), "sft": getattr(spec, "training", None),
+            "reward": getattr(getattr(spec, "reward", None), "training", None),
+            "policy": getattr(getattr(spec, "policy", None), "training", None)}.get(run.stage)
+
+
 def training_arguments(run: StageRun, opt: Optimization, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for transformers.TrainingArguments (or a TRL config) from the spec."""
-    precision = opt.precision
-    if precision == Precision.AUTO:
-        precision = Precision.FP32 if run.use_cpu else Precision.BF16
+    precision = effective_precision(run, opt)
     kwargs: dict[str, Any] = {
         "output_dir": str(run.trainer_dir),
         "learning_rate": opt.learning_rate,
@@ -79,7 +113,11 @@ def training_arguments(run: StageRun, opt: Optimization, **overrides: Any) -> di
         "fp16": precision == Precision.FP16,
         "seed": opt.seed,
         "data_seed": opt.seed,
-        "gradient_checkpointing": opt.gradient_checkpointing,
+        # torch's own fused AdamW (no DeepSpeed op to compile); DeepSpeed takes it as a client optimizer
+        # unless the config offloads the optimizer (then DeepSpeed's CPU Adam, see deepspeed_config.py).
+        "optim": "adamw_torch_fused",
+        # FSDP checkpoints activations itself (fsdp_config), without the extra all-gather HF's own would add.
+        "gradient_checkpointing": opt.gradient_checkpointing and run.fsdp is None,
         "logging_steps": opt.log_every_steps,
         "save_strategy": "steps",
         "save_steps": run.spec.checkpoint.interval_steps,
@@ -92,7 +130,29 @@ def training_arguments(run: StageRun, opt: Optimization, **overrides: Any) -> di
         "disable_tqdm": True,
         "deepspeed": run.deepspeed,
     }
+    if run.fsdp is not None:
+        kwargs.update(run.fsdp)
+        kwargs["fsdp_config"] = {**run.fsdp["fsdp_config"], "activation_checkpointing": opt.gradient_checkpointing}
     if opt.schedule == Schedule.COSINE:
         kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": opt.min_learning_rate_ratio}
     kwargs.update(overrides)
     return kwargs
+
+
+def save_model(trainer, output_dir) -> None:
+    """`trainer.save_model`, but whole HF safetensors under FSDP too. FSDP checkpoints are sharded
+    (SHARDED_STATE_DICT), for which HF's save_model writes nothing, so every rank joins one gather of
+    the full state dict and rank 0 writes it (copied into plain tensors: over gloo the gathered tensors
+    are collective wrappers that safetensors cannot address)."""
+    if getattr(trainer.accelerator.state, "fsdp_plugin", None) is None:
+        trainer.save_model(str(output_dir))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainer.args.should_save:
+        state = {name: tensor.detach().clone() for name, tensor in state.items()}
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(str(output_dir), state_dict=state, safe_serialization=True)
+        if trainer.processing_class is not None:  # as HF's own save_model does
+            trainer.processing_class.save_pretrained(str(output_dir))

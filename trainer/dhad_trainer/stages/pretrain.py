@@ -37,7 +37,14 @@ from dhad_trainer.data.prepare import STATS_FILE, prepare
 from dhad_trainer.data.readers import DataError, iter_source
 from dhad_trainer.runtime import distributed
 from dhad_trainer.runtime.callbacks import ProgressCallback
-from dhad_trainer.stages.base import StageResult, StageRun, training_arguments
+from dhad_trainer.stages.base import (
+    StageResult,
+    StageRun,
+    effective_precision,
+    save_model,
+    training_arguments,
+    weights_dtype,
+)
 from dhad_trainer.storage.models import tree_hash
 
 log = logging.getLogger(__name__)
@@ -116,17 +123,22 @@ def _fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def attention_for(run: StageRun, model_dir: Path, dtype: str) -> str:
-    """flash_attention_2 (varlen over the packed segments) on GPU with 16-bit weights and flash-attn
-    installed; sdpa (block-diagonal mask from position_ids) otherwise."""
+def attention_for(run: StageRun) -> str:
+    """model.attention; auto is flash_attention_2 (varlen over the packed segments) on GPU with 16-bit
+    compute (mixed or pure) and flash-attn installed, sdpa (block-diagonal mask from position_ids) otherwise.
+    The launcher has already refused flash-attention-2 where flash-attn or GPUs are missing."""
     import importlib.util
 
+    from dhad_api.common import Attention
+    from dhad_api.training import Precision
+
+    choice = run.spec.model.attention
+    if choice != Attention.AUTO:
+        return {Attention.SDPA: "sdpa", Attention.EAGER: "eager", Attention.FLASH_ATTENTION_2: "flash_attention_2"}[choice]
     if run.use_cpu or not importlib.util.find_spec("flash_attn"):
         return "sdpa"
-    if dtype == "auto":
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
-    return "flash_attention_2" if dtype in ("bfloat16", "float16") else "sdpa"
+    sixteen = effective_precision(run, run.spec.training) in (Precision.BF16, Precision.BF16_PURE, Precision.FP16)
+    return "flash_attention_2" if sixteen else "sdpa"
 
 
 def max_steps_for(spec: PretrainJobSpec, world_size: int, sequence_length: int) -> int | None:
@@ -167,9 +179,8 @@ def run(run: StageRun) -> StageResult:
     dataset = PackedBlocks(shards, run.work_dir / "hf-datasets")
     if run.local_rank == 0:
         distributed.barrier()
-    dtype = spec.model.dtype.value
-    attn = attention_for(run, model_dir, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+    attn = attention_for(run)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(run, t), attn_implementation=attn)
     model.config.use_cache = False  # required for the packed-sequence mask (see the module docstring)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     for cb in run.callbacks:
@@ -178,7 +189,7 @@ def run(run: StageRun) -> StageResult:
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PackedCollator(),
                       processing_class=tokenizer, callbacks=list(run.callbacks))
     result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
-    trainer.save_model(str(run.output_dir))
+    save_model(trainer, run.output_dir)
     metrics = {"train_loss": result.training_loss, "global_step": trainer.state.global_step,
                "attn_implementation": attn, **{f"data_{k}": stats[k] for k in ("documents_in", "kept", "tokens", "blocks")}}
     if "vocabulary" in report:

@@ -97,12 +97,14 @@ def run(run: StageRun) -> StageResult:
     save_final(trainer, tokenizer, run)
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
                "train_pairs": len(train_rows), "heldout_pairs": len(held_out)}
+    # Every rank scores the same pairs: under ZeRO-3 and FSDP a forward gathers each layer's parameters
+    # from all ranks, so rank 0 alone would wait forever. Rank 0 reports.
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    culture = culture_pairs(run, rs.culture_set)
+    metrics["heldout_accuracy"] = pairwise_accuracy(trained, tokenizer, chat_pairs(held_out), rs.sequence_length)
+    metrics["culture_accuracy"] = pairwise_accuracy(trained, tokenizer, culture, rs.sequence_length)
+    metrics["culture_pairs"] = len(culture)
     if run.is_main:
-        trained = trainer.accelerator.unwrap_model(trainer.model)
-        culture = culture_pairs(run, rs.culture_set)
-        metrics["heldout_accuracy"] = pairwise_accuracy(trained, tokenizer, chat_pairs(held_out), rs.sequence_length)
-        metrics["culture_accuracy"] = pairwise_accuracy(trained, tokenizer, culture, rs.sequence_length)
-        metrics["culture_pairs"] = len(culture)
         (run.output_dir / EVAL_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         log.info("reward: %s", metrics)
     return StageResult(metrics=metrics, model_dir=run.output_dir)

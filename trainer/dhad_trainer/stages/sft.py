@@ -8,11 +8,15 @@
   flash), so no token attends across documents (tests/unit/test_sft_tokens.py checks the logits).
 - Chat template: the model's own, Dhad's ChatML (adding <|im_start|>/<|im_end|> if the vocabulary
   lacks them) or a custom one; the final tokenizer carries it, so later stages render alike.
-- LoRA through peft when training.lora is set; merged into the base weights at the end if lora.merge.
+- LoRA through peft when training.lora is set; merged into the base weights at the end if lora.merge:
+  every rank saves the adapter (HF gathers ZeRO-3/FSDP shards for it), then rank 0 alone loads the base
+  model whole on CPU (outside ZeRO-3's partitioning), folds the adapter in and writes a plain model. The
+  trained model itself is never touched on one rank: under ZeRO-3 its parameters are partitions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from dhad_api.jobs import SFTJobSpec
@@ -26,7 +30,7 @@ from dhad_trainer.stages.alignment import (
     set_chat_template,
     stage_arguments,
 )
-from dhad_trainer.stages.base import StageResult, StageRun
+from dhad_trainer.stages.base import StageResult, StageRun, save_model
 
 log = logging.getLogger("dhad.sft")
 PACKING_STRATEGY = "bfd"
@@ -111,16 +115,42 @@ def build_trainer(run: StageRun):
     return trainer, tokenizer, counts
 
 
+@contextlib.contextmanager
+def whole_models():
+    """`from_pretrained` without ZeRO-3's zero.Init partitioning, for work one rank does alone (a
+    partitioned load would wait for the other ranks). transformers keeps the switch in a module global."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def merge_lora(trainer, run: StageRun, t: SFTTraining) -> None:
+    """The adapter (saved by every rank) folded into a freshly loaded base model on rank 0."""
+    adapter = run.work_dir / "adapter"
+    save_model(trainer, adapter)
+    barrier(run)
+    if run.is_main:
+        from peft import PeftModel
+
+        with whole_models():
+            base, tokenizer, _ = prepare_model(run, t)  # same template tokens, resize and eos as training
+            merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        merged.save_pretrained(run.output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(run.output_dir)
+    barrier(run)
+
+
 def run(run: StageRun) -> StageResult:
     trainer, tokenizer, counts = build_trainer(run)
     result = trainer.train(resume_from_checkpoint=resume_arg(run))
     lora = run.spec.training.lora
-    if lora is not None and lora.merge:
-        if run.is_main:  # fold the adapters in: the output is a plain model any runtime loads
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-            merged.save_pretrained(run.output_dir, safe_serialization=True)
-            tokenizer.save_pretrained(run.output_dir)
-        barrier(run)
+    if lora is not None and lora.merge:  # the output is a plain model any runtime loads
+        merge_lora(trainer, run, run.spec.training)
     else:  # full fine-tuning: the model; unmerged LoRA: the adapter (peft format) + tokenizer
         save_final(trainer, tokenizer, run)
     metrics = {
