@@ -105,7 +105,7 @@ BAD = [
     ("unknown-spec-field", "sft", {"spec.gpus": 8}, 'unknown field "spec.gpus"'),
     ("env-reserved", "sft", {"spec.env": [{"name": "MASTER_ADDR", "value": "x"}]}, "this name is reserved"),
     ("env-reserved-prefix", "sft", {"spec.env": [{"name": "DHAD_PROGRESS_CONFIGMAP", "value": "other"}]}, "this name is reserved"),
-    ("env-inline-token", "sft", {"spec.env": [{"name": "HF_TOKEN", "value": "hf_abc"}]}, "credential-like name must use valueFrom"),
+    ("env-inline-token", "sft", {"spec.env": [{"name": "WANDB_API_KEY", "value": "wandb-abc"}]}, "credential-like name must use valueFrom"),
     ("env-value-and-from", "sft", {"spec.env": [{"name": "A", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}, "exactly one of value and valueFrom"),
     ("env-duplicate", "sft", {"spec.env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}, "names must be unique"),
     ("queue-name-invalid", "sft", {"spec.queueName": "Bad Queue"}, "spec.queueName"),
