@@ -17,6 +17,8 @@ from dhad_api.base import DhadModel, Rule, RuledModel
 from dhad_api.common import DataUri as Uri
 
 FieldName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$", max_length=3)]
+SourceName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 
 
 class DigitStyle(StrEnum):
@@ -48,32 +50,6 @@ class ShingleUnit(StrEnum):
 
     WORDS = "words"
     CHARS = "chars"
-
-
-class SourceSpec(DhadModel):
-    """One input dataset: a local path, a glob, or an object-store URI/prefix."""
-
-    uri: Uri = Field(
-        ...,
-        description="uri is the file, directory, glob or s3:// prefix to read, 1 to 1024 characters. "
-        "Required.",
-    )
-    format: SourceFormat = Field(
-        SourceFormat.AUTO,
-        description="format is the file format: auto, jsonl, parquet or text. Default auto: .jsonl/.json "
-        "(optionally .gz) is jsonl, .parquet is parquet, anything else is text.",
-    )
-    text_field: FieldName = Field(
-        "text",
-        description="textField is the jsonl key or parquet column holding the document text, up to 128 "
-        'characters. Default "text". Ignored for plain text.',
-    )
-    text_split: TextSplit = Field(
-        TextSplit.LINE,
-        description="textSplit says how plain-text files become documents: line (one document per "
-        "non-blank line) or paragraph (blank-line-separated blocks). Default line. Ignored for jsonl and "
-        "parquet.",
-    )
 
 
 class NormalizationSpec(DhadModel):
@@ -166,10 +142,68 @@ class FilterSpec(RuledModel):
         description="dropBadUtf8 drops records whose bytes are not valid UTF-8. Default true. When false "
         "the bad bytes become U+FFFD and the record goes on to the other filters.",
     )
+    languages: list[LanguageCode] = Field(
+        default_factory=lambda: ["ar"],
+        max_length=32,
+        description="languages are the ISO 639 codes a document's identified language must be one of "
+        "(fastText lid.176; Egyptian Arabic counts as ar), at most 32. Default [ar]: Persian, Urdu and "
+        "other Arabic-script text is dropped. Empty keeps every language.",
+    )
+    min_language_confidence: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="minLanguageConfidence is the lowest probability of the identified language for a "
+        "document to count as that language, from 0 to 1. Default 0.5. Ignored when languages is empty.",
+    )
 
     rules = (
         Rule("self.minChars <= self.maxChars", "filters: minChars must not exceed maxChars",
              lambda f: f.min_chars <= f.max_chars, ".minChars"),
+    )
+
+
+class SourceSpec(DhadModel):
+    """One input dataset: a local path, a glob, or an object-store URI/prefix."""
+
+    uri: Uri = Field(
+        ...,
+        description="uri is the file, directory, glob or s3:// prefix to read, 1 to 1024 characters. "
+        "Required.",
+    )
+    format: SourceFormat = Field(
+        SourceFormat.AUTO,
+        description="format is the file format: auto, jsonl, parquet or text. Default auto: .jsonl/.json "
+        "(optionally .gz) is jsonl, .parquet is parquet, anything else is text.",
+    )
+    text_field: FieldName = Field(
+        "text",
+        description="textField is the jsonl key or parquet column holding the document text, up to 128 "
+        'characters. Default "text". Ignored for plain text.',
+    )
+    text_split: TextSplit = Field(
+        TextSplit.LINE,
+        description="textSplit says how plain-text files become documents: line (one document per "
+        "non-blank line) or paragraph (blank-line-separated blocks). Default line. Ignored for jsonl and "
+        "parquet.",
+    )
+    name: SourceName | None = Field(
+        None,
+        description="name labels the source in the stats (tokens before and after filtering and in the "
+        "mixture), a DNS label. Default empty: source-<position>, counted from 0.",
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="weight is how many times each kept token of this source is seen per epoch of the "
+        "mixture: 1 once, 2.5 two and a half times (upsampling), 0.25 a quarter of its blocks, chosen at "
+        "random with the training seed (downsampling). Default 1.",
+    )
+    filters: FilterSpec | None = Field(
+        None,
+        description="filters replaces data.filters for this source (for example languages [en] and "
+        "minArabicRatio 0 for English replay data). Default empty: data.filters.",
     )
 
 
@@ -275,14 +309,15 @@ class PackingSpec(DhadModel):
     )
 
 
-class DataPrepSpec(DhadModel):
-    """The whole `prepare` step: where to read and how to clean, dedup, decontaminate and pack."""
+class DataPrepSpec(RuledModel):
+    """The whole `prepare` sub-stage: where to read, how to clean, dedup, decontaminate, pack and mix."""
 
     sources: list[SourceSpec] = Field(
         ...,
         min_length=1,
         max_length=64,
-        description="sources are the datasets to read, in order, 1 to 64 entries. Required.",
+        description="sources are the datasets to read, in order, 1 to 64 entries; earlier sources win "
+        "when documents repeat across sources. Required.",
     )
     normalization: NormalizationSpec = Field(
         default_factory=NormalizationSpec,
@@ -306,3 +341,29 @@ class DataPrepSpec(DhadModel):
         default_factory=PackingSpec,
         description="packing configures tokenization into blocks. Default: 4096-token blocks with EOS.",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="workers is the number of pods of the prepare sub-stage's Indexed Job; each takes a "
+        "fixed share of the input pieces, and a failed pod is retried alone. The prepared data does not "
+        "depend on it. Default 1.",
+    )
+    split_megabytes: float = Field(
+        64,
+        gt=0,
+        le=65536,
+        description="splitMegabytes is the size of the input pieces workers share out: byte ranges of "
+        "jsonl and line-split text files, runs of parquet row groups (gzip files and paragraph-split text "
+        "are one piece each). Default 64. Part of the prepared data's identity.",
+    )
+    rules = (
+        Rule("self.sources.all(x, !has(x.name) || self.sources.exists_one(y, has(y.name) && y.name == x.name))",
+             "data.sources: names must be unique",
+             lambda d: len({s.name for s in d.sources if s.name}) == len([s for s in d.sources if s.name]),
+             ".sources"),
+    )
+
+    def source_names(self) -> list[str]:
+        """Each source's name in the stats: its own, or source-<position>."""
+        return [s.name or f"source-{i}" for i, s in enumerate(self.sources)]

@@ -22,6 +22,7 @@ from dhad_api.common import (
     Storage,
 )
 from dhad_api.data_prep import DataPrepSpec
+from dhad_api.outputs import Output, Tracking
 from dhad_api.stages import (
     Evaluation,
     Feedback,
@@ -52,7 +53,7 @@ class JobSpec(RuledModel):
     restart_policy: RestartPolicy = Field(default_factory=RestartPolicy, description="restartPolicy bounds gang restarts. Default 3 restarts, 10 s backoff doubling.")
     suspend: bool = Field(False, description="suspend stops the running pods and keeps checkpoints; false again resumes. The only field that may change after creation. Default false.")
     queue_name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63)] | None = Field(
-        None, description="queueName is the Kueue LocalQueue; Jobs are created suspended with the kueue.x-k8s.io/queue-name label. Empty means no queueing."
+        None, description="queueName is an alias of the job label kueue.x-k8s.io/queue-name (the documented way, which wins when both are set): the Kueue LocalQueue the sub-stages' Jobs are queued in, created suspended. Empty means the label, else no queueing."
     )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, le=31_536_000,
@@ -65,6 +66,8 @@ class JobSpec(RuledModel):
     image: Annotated[str, StringConstraints(pattern=IMAGE, max_length=512)] | None = Field(None, description="image is the trainer image. Empty means the operator's default.")
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="env is extra environment for the trainer. Default none.")
     pod_template: PodOverrides = Field(default_factory=PodOverrides, description="podTemplate holds pod overrides for platform teams. Default none.")
+    tracking: Tracking = Field(default_factory=Tracking, description="tracking adds MLflow or Weights & Biases to the TensorBoard event files every training sub-stage writes under the job's S3 root. Default TensorBoard only.")
+    output: Output = Field(default_factory=Output, description="output sets the final model card's license and an optional Hugging Face Hub push. Default no push.")
     hf_token_secret_ref: SecretKeySelector | None = Field(
         None,
         description="hfTokenSecretRef is the Secret key holding a Hugging Face token, for gated or private hf:// models and "
@@ -82,11 +85,21 @@ class JobSpec(RuledModel):
 
 
 class PretrainJobSpec(JobSpec):
-    """Continued pre-training on Arabic text (AceGPT step 1)."""
+    """Continued pre-training on Arabic text (AceGPT step 1): a prepare sub-stage, then training."""
 
-    data: DataPrepSpec = Field(description="data is the corpus and how to clean, dedup, decontaminate and pack it. Required.")
+    data: DataPrepSpec = Field(description="data is the corpus and how to clean, dedup, decontaminate, pack and mix it; the prepare sub-stage does this once per distinct input and tokenizer, and training reads the result. Required.")
+    prepare_only: bool = Field(False, description="prepareOnly runs only the prepare sub-stage: the prepared shards and stats land in S3, where later jobs with the same inputs, tokenizer and data settings reuse them, and no model is trained. Default false.")
     vocabulary: Vocabulary = Field(default_factory=Vocabulary, description="vocabulary optionally adds Arabic tokens first. Default none added.")
     training: PretrainTraining = Field(default_factory=lambda: PretrainTraining(learning_rate=1e-4), description="training is the optimisation. Default learningRate 1e-4.")
+
+    rules = JobSpec.rules + (
+        Rule("self.vocabulary.warmupSteps == 0 || self.distributed.strategy == 'ddp'",
+             "vocabulary.warmupSteps needs distributed.strategy ddp (the embeddings-only phase is a separate DDP run)",
+             lambda s: s.vocabulary.warmup_steps == 0 or s.distributed.strategy.value == "ddp", ".vocabulary.warmupSteps"),
+        Rule("self.vocabulary.warmupSteps == 0 || self.vocabulary.newTokens > 0",
+             "vocabulary.warmupSteps needs vocabulary.newTokens (it warms up the new embedding rows)",
+             lambda s: s.vocabulary.warmup_steps == 0 or s.vocabulary.new_tokens > 0, ".vocabulary.warmupSteps"),
+    )
 
 
 class SFTJobSpec(JobSpec):
@@ -130,6 +143,11 @@ class EvalJobSpec(JobSpec):
 
     evaluation: Evaluation = Field(description="evaluation picks suites and scoring. Required.")
 
+    rules = JobSpec.rules + (
+        Rule("!has(self.output) || !has(self.output.hub)", "output.hub: an EvalJob has no model to push; its scores go into the evaluated model's card beside the report",
+             lambda s: s.output.hub is None, ".output.hub"),
+    )
+
 
 class ObjectMeta(DhadModel):
     """The metadata fields the trainer reads (the rest is the apiserver's)."""
@@ -151,7 +169,7 @@ class KindInfo:
 
 
 KINDS: dict[JobKind, KindInfo] = {
-    JobKind.PRETRAIN: KindInfo(JobKind.PRETRAIN, "pretrainjobs", ("ptj",), PretrainJobSpec, "pt", ("pretrain",)),
+    JobKind.PRETRAIN: KindInfo(JobKind.PRETRAIN, "pretrainjobs", ("ptj",), PretrainJobSpec, "pt", ("prepare", "pretrain")),
     JobKind.SFT: KindInfo(JobKind.SFT, "sftjobs", ("sftj",), SFTJobSpec, "sft", ("respond", "sft")),
     JobKind.RLAIF: KindInfo(JobKind.RLAIF, "rlaifjobs", ("rlj",), RLAIFJobSpec, "rl", ("feedback", "reward", "policy")),
     JobKind.EVAL: KindInfo(JobKind.EVAL, "evaljobs", ("evj",), EvalJobSpec, "ev", ("eval",)),
@@ -165,6 +183,7 @@ class Resolved(DhadModel):
     judge_model_uri: str | None = Field(None, description="judgeModelUri is the judge's model after fromJob.")
     reward_model_uri: str | None = Field(None, description="rewardModelUri is policy.rewardModel after fromJob.")
     teacher_model_uri: str | None = Field(None, description="teacherModelUri is respond.teacher.model after fromJob.")
+    compare_model_uris: dict[str, str] = Field(default_factory=dict, description="compareModelUris are evaluation.compare's models after fromJob, by name.")
     output_root: str | None = Field(None, description="outputRoot is s3://bucket/prefix/namespace/name-uid.")
 
 
@@ -187,6 +206,8 @@ def stages_for(kind: JobKind | str, spec: JobSpec) -> list[str]:
     stages = list(KINDS[JobKind(kind)].stages)
     if isinstance(spec, SFTJobSpec) and spec.respond is None:
         stages.remove("respond")
+    if isinstance(spec, PretrainJobSpec) and spec.prepare_only:
+        stages.remove("pretrain")
     return stages
 
 
@@ -197,14 +218,16 @@ class StagePods:
     pods: int           # pods in the sub-stage's Indexed Job
     procs_per_pod: int  # torchrun --nproc-per-node (GPUs per pod, 1 on CPU)
     gpus_per_pod: int   # nvidia.com/gpu requested per pod
-    gang: bool          # True: one failed pod ends the attempt
+    gang: bool          # True: one failed pod ends the attempt; False: a failed index is retried alone
 
 
 def stage_pods(kind, spec, stage: str) -> StagePods:
-    """The training gang (resources.nodes x gpusPerNode) for every sub-stage but SFT's respond, which only rank
-    0 runs: one pod with one process, one GPU for a local teacher (transformers or vLLM, both on one device)
-    and none for an endpoint teacher."""
+    """The training gang (resources.nodes x gpusPerNode) for every sub-stage but two: SFT's respond, which only
+    rank 0 runs (one pod with one process, one GPU for a local teacher, none for an endpoint teacher), and
+    PretrainJob's prepare, `data.workers` CPU pods each retried alone (their shares are independent)."""
     gpus = spec.resources.gpus_per_node
+    if stage == "prepare" and isinstance(spec, PretrainJobSpec):
+        return StagePods(pods=spec.data.workers, procs_per_pod=1, gpus_per_pod=0, gang=False)
     if stage == "respond" and isinstance(spec, SFTJobSpec) and spec.respond is not None:
         teacher = spec.respond.teacher
         if teacher.endpoint is not None:

@@ -8,7 +8,7 @@ CEL rule and the operator's renderer both use these functions.
 from __future__ import annotations
 
 STAGE_CODES = {
-    "pretrain": "pt", "sft": "sft", "respond": "rsp",
+    "prepare": "dp", "pretrain": "pt", "sft": "sft", "respond": "rsp",
     "feedback": "fb", "reward": "rm", "policy": "po", "eval": "ev",
 }
 MAX_ATTEMPT = 9999  # four digits

@@ -419,6 +419,8 @@ def plan_job(kind: JobKind | str, spec: JobSpec, arch: Architecture, gpu: Gpu | 
     for stage in stages_for(kind, spec):
         pods = stage_pods(kind, spec, stage)
         world = pods.pods * pods.procs_per_pod
+        if not pods.gpus_per_pod and stage == "prepare":
+            continue  # data preparation runs on CPU workers and loads no model
         if isinstance(spec, PretrainJobSpec):
             seq = spec.data.packing.sequence_length
             plans.append(training_plan(stage, spec, arch.with_vocabulary(spec.vocabulary.new_tokens), spec.training, seq, gpu, mfu))

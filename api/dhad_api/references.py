@@ -10,6 +10,7 @@ from dhad_api.jobs import JobSpec, RLAIFJobSpec, SFTJobSpec
 from dhad_api.reasons import Reason
 
 RESOLVED_KEYS = {"model": "modelUri", "judge": "judgeModelUri", "reward": "rewardModelUri", "teacher": "teacherModelUri"}
+COMPARE = "compare:"  # role prefix of an EvalJob's evaluation.compare models; resolved under compareModelUris
 
 
 def model_specs(spec: JobSpec) -> dict[str, ModelSpec]:
@@ -25,7 +26,16 @@ def model_specs(spec: JobSpec) -> dict[str, ModelSpec]:
     evaluation = getattr(spec, "evaluation", None)
     if evaluation is not None and evaluation.judge and evaluation.judge.model:
         found["judge"] = evaluation.judge.model
+    for compared in getattr(evaluation, "compare", None) or ():
+        found[COMPARE + compared.name] = compared.model
     return found
+
+
+def _put(resolved: dict, role: str, uri: str) -> None:
+    if role.startswith(COMPARE):
+        resolved.setdefault("compareModelUris", {})[role.removeprefix(COMPARE)] = uri
+    else:
+        resolved[RESOLVED_KEYS[role]] = uri
 
 
 def references(spec: JobSpec) -> set[tuple[str, str]]:
@@ -37,7 +47,7 @@ def resolve_models(spec: JobSpec, observed: dict[tuple[str, str], dict | None]):
     resolved: dict[str, str] = {}
     for role, model in model_specs(spec).items():
         if model.uri:
-            resolved[RESOLVED_KEYS[role]] = model.uri
+            _put(resolved, role, model.uri)
             continue
         ref = model.from_job
         target = observed.get((ref.kind.value, ref.name))
@@ -49,5 +59,5 @@ def resolve_models(spec: JobSpec, observed: dict[tuple[str, str], dict | None]):
             return {}, (Reason.REFERENCE_FAILED, f"{what} ({role}) failed; this job waits until a job of that name succeeds", False)
         if status.get("state") != "Succeeded" or not status.get("outputModel"):
             return {}, (Reason.WAITING_FOR_MODEL, f"waiting for {what} ({role}) to succeed (now {status.get('state', 'Pending')})", False)
-        resolved[RESOLVED_KEYS[role]] = status["outputModel"]
+        _put(resolved, role, status["outputModel"])
     return resolved, None

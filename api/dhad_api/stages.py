@@ -19,7 +19,15 @@ class Vocabulary(DhadModel):
     """AceGPT-v1.5 style vocabulary expansion before continued pre-training."""
 
     new_tokens: int = Field(0, ge=0, le=262144, description="newTokens is how many Arabic BPE tokens to add; 0 disables expansion. Default 0.")
-    corpus: Uri | None = Field(None, description="corpus is the text to learn the new merges from. Empty means the job's prepared data.")
+    corpus: Uri | None = Field(None, description="corpus is the text to learn the new merges from (a bounded sample of it, see sampleMegabytes). Empty means a sample of the job's cleaned, deduplicated data.")
+    sample_megabytes: float = Field(
+        64, gt=0, le=65536,
+        description="sampleMegabytes bounds the text the new merges are learned from, in MB of UTF-8: a fixed pseudo-random sample, streamed, the same for any number of prepare workers. Default 64.",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, le=1_000_000,
+        description="warmupSteps trains only the input and output embeddings for this many optimizer steps before full training starts, so the new rows settle before they move the rest of the model. Default 0 (none).",
+    )
 
 
 class PretrainTraining(Optimization):
@@ -223,17 +231,52 @@ class EvalMethod(StrEnum):
     LOGLIKELIHOOD = "loglikelihood"
 
 
+class LimitPer(StrEnum):
+    """How `limit` spreads a sample over a suite's subjects (MMLU, EXAMS), topics (ACVA) or labels."""
+
+    TOTAL = "total"
+    SUBJECT = "subject"
+
+
+class OpenEndedMetric(StrEnum):
+    """How open-ended answers are judged against the reference system's."""
+
+    JUDGE_SCORES = "judge-scores"
+    JUDGE_PAIRWISE = "judge-pairwise"
+
+
+class ComparedModel(DhadModel):
+    """Another model scored on the same items as spec.model and shown beside it in the report."""
+
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=20)] = Field(
+        description="name labels the model in the report and in status scores (<name>:<suite>/<method>). Required."
+    )
+    model: ModelSpec = Field(description="model is where the weights come from (uri or fromJob, as spec.model). Required.")
+
+
 class Evaluation(RuledModel):
     """Which suites to run and how."""
 
     suites: list[Suite] = Field(min_length=1, max_length=5, description="suites are the benchmarks to run. Required.")
     method: EvalMethod = Field(EvalMethod.GENERATE, description="method is generate (AceGPT-compatible) or loglikelihood. Default generate.")
     shots: int = Field(0, ge=0, le=5, description="shots is the number of dev examples in each prompt (5 for base models as AceGPT). Default 0.")
-    limit: int | None = Field(None, ge=1, le=1_000_000, description="limit caps items per suite. Empty means all.")
+    limit: int | None = Field(None, ge=1, le=1_000_000, description="limit draws a seeded sample of this many items per suite, stratified by subject or topic (see limitPer); the report lists the item ids. Empty means all items.")
+    limit_per: LimitPer = Field(LimitPer.TOTAL, description="limitPer is total (limit items in all, each subject's share proportional to its size) or subject (limit items from every subject). Default total.")
+    seed: int = Field(0, ge=0, le=2_147_483_647, description="seed draws the sample and the bootstrap intervals; the report records it. Default 0.")
     batch_size: int = Field(8, ge=1, le=1024, description="batchSize is items per forward pass. Default 8.")
     benchmarks: Uri | None = Field(None, description="benchmarks is where the suite files live (folder, s3:// prefix or hf://). Empty means the community hf:// copies.")
     reference_answers: Uri | None = Field(None, description="referenceAnswers holds the reference system's answers for open-ended suites. Required with vicuna-80 or alpaca-eval.")
     judge: Judge | None = Field(None, description="judge compares open-ended answers with the reference. Required with vicuna-80 or alpaca-eval.")
+    open_ended_metrics: list[OpenEndedMetric] = Field(
+        default_factory=lambda: [OpenEndedMetric.JUDGE_SCORES.value, OpenEndedMetric.JUDGE_PAIRWISE.value], min_length=1, max_length=2, validate_default=True,
+        description="openEndedMetrics are judge-scores (AceGPT's figure: both answers scored 1-10 in one prompt, in both positions; the ratio of summed scores) and judge-pairwise (the judge prefers one answer, in both orders). Default both.",
+    )
+    runs: int = Field(3, ge=1, le=10, description="runs is how often judge-scores scores every question in both positions (AceGPT: 3; runs after the first are sampled); the report gives the mean ratio and its spread. Default 3.")
+    use_vllm: bool = Field(False, description="useVllm generates answers and log-likelihoods with vLLM on GPUs when it is installed; otherwise batched transformers, and the report says so. Default false.")
+    compare: list[ComparedModel] = Field(
+        default_factory=list, max_length=7,
+        description="compare are more models scored on the same items and shown side by side with spec.model (for example the recipe's base, CPT and SFT models). Default none.",
+    )
     exclude_duplicates: bool = Field(False, description="excludeDuplicates also scores without duplicated questions (both figures are reported). Default false.")
 
     rules = (
@@ -242,6 +285,10 @@ class Evaluation(RuledModel):
              lambda e: not ({Suite.VICUNA_80, Suite.ALPACA_EVAL} & set(e.suites)) or (e.judge is not None and e.reference_answers is not None)),
         Rule("self.suites.all(x, self.suites.exists_one(y, y == x))", "evaluation: suites must not repeat",
              lambda e: len(set(e.suites)) == len(e.suites), ".suites"),
+        Rule("self.openEndedMetrics.all(x, self.openEndedMetrics.exists_one(y, y == x))", "evaluation: openEndedMetrics must not repeat",
+             lambda e: len(set(e.open_ended_metrics)) == len(e.open_ended_metrics), ".openEndedMetrics"),
+        Rule("self.compare.all(x, self.compare.exists_one(y, y.name == x.name))", "evaluation: compare names must be unique",
+             lambda e: len({c.name for c in e.compare}) == len(e.compare), ".compare"),
     )
 
 

@@ -66,7 +66,7 @@ class Controller:
         self.kube.execute(obj, plan, now)
         if plan.restart_reason:
             metrics.RESTARTS.labels(kind, plan.restart_reason).inc()
-        metrics.JOB_STATES.set(kind, namespace, name, plan.status.get("state"))
+        metrics.JOB_STATES.set(kind, namespace, name, plan.status.get("state"), plan.status)
         if plan.status.get("state") in ("Succeeded", "Failed") and plan.requeue_after is None:
             return
         self.requeue(key, min(plan.requeue_after or self.resync_seconds, self.resync_seconds))

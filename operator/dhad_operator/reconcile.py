@@ -17,11 +17,21 @@ from pydantic import ValidationError
 from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stage_pods, stages_for
 from dhad_api.layout import model_uri, output_root, stage_uri
 from dhad_api.naming import job_name
+from dhad_api.queueing import kueue_labels
 from dhad_api.reasons import Reason
 from dhad_api.references import resolve_models
 from dhad_api.status import State
 from dhad_operator import observe
-from dhad_operator.render import LABEL_ATTEMPT, LABEL_STAGE, Defaults, Owner, static_children, training_job
+from dhad_operator.render import (
+    KUEUE_QUEUE_LABEL,
+    LABEL_ATTEMPT,
+    LABEL_STAGE,
+    Defaults,
+    Owner,
+    kueue,
+    static_children,
+    training_job,
+)
 from dhad_operator.status import enter, rfc3339, set_condition, state_of
 
 
@@ -69,7 +79,8 @@ def _field_errors(error: ValidationError) -> str:
 
 def decide(obj: dict, observed: Observed, now: datetime, defaults: Defaults) -> Plan:
     meta = obj["metadata"]
-    owner = Owner(obj["kind"], meta["name"], meta["namespace"], meta["uid"])
+    owner = Owner(obj["kind"], meta["name"], meta["namespace"], meta["uid"],
+                  tuple(sorted(kueue_labels(meta.get("labels")).items())))
     status = copy.deepcopy(obj.get("status") or {})
     generation = meta.get("generation")
     status["observedGeneration"] = generation
@@ -159,7 +170,9 @@ def _observe_attempt(owner, spec, stages, stage, current, pods, plan, now, defau
     if finished == "Complete":
         _stage_done(owner, spec, stages, stage, plan, now, root, generation)
         return
-    failure = observe.attempt_failure(pods)
+    shape = stage_pods(owner.kind, spec, stage)
+    # a gang ends with its first failed pod; independent pods are retried by the Job, per index
+    failure = observe.attempt_failure(pods) if shape.gang or finished == "Failed" else None
     if failure is None and finished == "Failed":
         failure = observe.Failure(Reason.WORKER_FAILED, f"Job {current['metadata']['name']} failed", True, False)
     if failure is None:
@@ -168,7 +181,7 @@ def _observe_attempt(owner, spec, stages, stage, current, pods, plan, now, defau
         _attempt_failed(spec, current, failure, plan, now, generation)
         return
     if (current.get("spec") or {}).get("suspend"):
-        enter(status, State.QUEUED, Reason.QUEUED, f"waiting for Kueue to admit Job {current['metadata']['name']} (queue {spec.queue_name})", now, generation)
+        enter(status, State.QUEUED, Reason.QUEUED, f"waiting for Kueue to admit Job {current['metadata']['name']} (queue {kueue(owner, spec).get(KUEUE_QUEUE_LABEL)})", now, generation)
         return
     problem = observe.waiting_problem(pods)
     for type_ in sorted(set(observe.WAITING_PROBLEMS.values())):  # a problem that went away is cleared
@@ -183,7 +196,7 @@ def _observe_attempt(owner, spec, stages, stage, current, pods, plan, now, defau
     elif unschedulable is None:
         set_condition(status, "Unschedulable", False, "Scheduled", "", now, generation)
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
-    if len(running) == stage_pods(owner.kind, spec, stage).pods:
+    if len(running) == shape.pods or (running and not shape.gang):
         if state_of(status) != State.RUNNING:
             plan.events.append(("Normal", "Running", f"attempt {attempt} of stage {stage}: all {len(running)} pods running"))
         enter(status, State.RUNNING, Reason.RUNNING, f"stage {stage}, attempt {attempt}: {len(running)} pods running", now, generation)
@@ -293,8 +306,8 @@ def _next_attempt(owner, spec, stage, ours, plan, now, defaults, resolved, obser
     entry.setdefault("startTime", rfc3339(now))
     set_condition(status, "Created", True, Reason.CREATED, f"created Job {job_name(owner.name, stage, attempt)}", now, generation)
     plan.events.append(("Normal", "AttemptCreated", f"stage {stage}: created attempt {attempt} ({stage_pods(owner.kind, spec, stage).pods} pods)"))
-    if spec.queue_name:
-        enter(status, State.QUEUED, Reason.QUEUED, f"Job {job_name(owner.name, stage, attempt)} waits in queue {spec.queue_name}", now, generation)
+    if KUEUE_QUEUE_LABEL in kueue(owner, spec):
+        enter(status, State.QUEUED, Reason.QUEUED, f"Job {job_name(owner.name, stage, attempt)} waits in queue {kueue(owner, spec)[KUEUE_QUEUE_LABEL]}", now, generation)
     elif state_of(status) not in (State.RESTARTING,):
         enter(status, State.PENDING, Reason.CREATED, f"stage {stage}: attempt {attempt} created, waiting for pods", now, generation)
     plan.requeue_after = 30

@@ -10,15 +10,26 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from dhad_api.jobs import API_VERSION, KINDS, JobSpec, KindInfo, RLAIFJobSpec, SFTJobSpec, stage_pods
+from dhad_api.jobs import (
+    API_VERSION,
+    KINDS,
+    JobSpec,
+    KindInfo,
+    RLAIFJobSpec,
+    SFTJobSpec,
+    StagePods,
+    stage_pods,
+)
 from dhad_api.naming import config_map_name, job_name, master_address, service_name
-from dhad_api.reasons import NAMESPACE_ENV, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
+from dhad_api.outputs import secret_env_refs
+from dhad_api.queueing import QUEUE_NAME_LABEL, kueue_labels
+from dhad_api.reasons import NAMESPACE_ENV, NO_RETRY, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
 
 LABEL_JOB = "dhad.dev/job"
 LABEL_KIND = "dhad.dev/kind"
 LABEL_STAGE = "dhad.dev/stage"
 LABEL_ATTEMPT = "dhad.dev/attempt"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_QUEUE_LABEL = QUEUE_NAME_LABEL
 MASTER_PORT = 29500
 JOB_FILE_DIR = "/etc/dhad"
 JOB_FILE = f"{JOB_FILE_DIR}/job.json"
@@ -32,6 +43,7 @@ class Owner:
     name: str
     namespace: str
     uid: str
+    kueue: tuple[tuple[str, str], ...] = ()  # the job's own Kueue labels (queue-name, priority-class)
 
     @property
     def info(self) -> KindInfo:
@@ -51,6 +63,11 @@ class Defaults:
 
     trainer_image: str = "ghcr.io/dhad/trainer:0.1.0"
     service_account_tokens: bool = True
+
+
+def kueue(owner: Owner, spec: JobSpec) -> dict[str, str]:
+    """The Kueue labels each sub-stage's Job carries: the job's own label, else spec.queueName."""
+    return kueue_labels(dict(owner.kueue), spec.queue_name)
 
 
 def _meta(owner: Owner, name: str, extra_labels: dict | None = None) -> dict:
@@ -107,12 +124,12 @@ def _secret_env(name: str, ref) -> dict:
 
 def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int) -> list[dict]:
     storage = spec.storage
-    pods = stage_pods(owner.kind, spec, stage)
+    shape = stage_pods(owner.kind, spec, stage)
     env = [
         {"name": "MASTER_ADDR", "value": master_address(owner.name, owner.info.code, stage, attempt)},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "NNODES", "value": str(pods.pods)},
-        {"name": "NPROC_PER_NODE", "value": str(pods.procs_per_pod)},
+        {"name": "NNODES", "value": str(shape.pods)},
+        {"name": "NPROC_PER_NODE", "value": str(shape.procs_per_pod)},
         {"name": "DHAD_STAGE", "value": stage},
         {"name": "DHAD_ATTEMPT", "value": str(attempt)},
         {"name": "DHAD_JOB_UID", "value": owner.uid},
@@ -131,6 +148,8 @@ def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int) -> list[d
             env.append(_secret_env(var, endpoint.api_key_secret_ref))
     if spec.hf_token_secret_ref:
         env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref))
+    for var, ref in secret_env_refs(spec.tracking, spec.output):  # W&B, MLflow and Hub tokens
+        env.append(_secret_env(var, ref))
     for var in spec.env:
         env.append({"name": var.name, "value": var.value} if var.value is not None
                    else {"name": var.name, "valueFrom": {"secretKeyRef": var.value_from.secret_key_ref.model_dump()}})
@@ -152,10 +171,10 @@ RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"dro
                         "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _resources(spec: JobSpec, gpus: int) -> dict:
+def _resources(spec: JobSpec, shape: StagePods) -> dict:
     limits: dict[str, str] = {}
-    if gpus:
-        limits["nvidia.com/gpu"] = str(gpus)
+    if shape.gpus_per_pod:
+        limits["nvidia.com/gpu"] = str(shape.gpus_per_pod)
     if spec.resources.cpu:
         limits["cpu"] = spec.resources.cpu
     if spec.resources.memory:
@@ -178,9 +197,10 @@ def _affinity(spec: JobSpec, avoid_nodes: list[str]) -> dict | None:
 
 def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults: Defaults,
                  avoid_nodes: list[str] | None = None) -> dict:
-    """One attempt of one (sub-)stage: an Indexed Job, one pod per node, no per-pod retries."""
+    """One attempt of one (sub-)stage: an Indexed Job of stage_pods(...).pods pods. A gang has no
+    per-pod retries (one failed pod ends the attempt); independent pods are retried per index."""
     name = job_name(owner.name, stage, attempt)
-    pods = stage_pods(owner.kind, spec, stage)
+    shape = stage_pods(owner.kind, spec, stage)
     labels = {**owner.labels(), LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}
     pod = spec.pod_template
     pod_spec = {
@@ -194,7 +214,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
             "image": spec.image or defaults.trainer_image,
             "command": ["python", "-m", "dhad_trainer", "launch", JOB_FILE],
             "env": trainer_env(owner, spec, stage, attempt),
-            "resources": _resources(spec, pods.gpus_per_pod),
+            "resources": _resources(spec, shape),
             "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
             "volumeMounts": [{"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
                              {"name": "dshm", "mountPath": "/dev/shm"}, *pod.volume_mounts],
@@ -209,18 +229,32 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
                 "affinity": _affinity(spec, avoid_nodes or []), "schedulerName": pod.scheduler_name,
                 "priorityClassName": pod.priority_class_name}
     pod_spec.update({k: v for k, v in optional.items() if v})
-    job_labels = dict(labels)
-    if spec.queue_name:
-        job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
-    nodes = pods.pods
+    job_labels = {**labels, **kueue(owner, spec)}
+    pods = shape.pods
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": _meta(owner, name, {LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}) | {"labels": job_labels},
         "spec": {
-            "completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "backoffLimit": 0,
+            "completionMode": "Indexed", "completions": pods, "parallelism": pods,
+            **({"backoffLimit": 0} if shape.gang else _retry_per_index(spec)),
             # Kueue admits a queued Job by unsuspending it.
-            "suspend": bool(spec.queue_name),
+            "suspend": KUEUE_QUEUE_LABEL in job_labels,
             "template": {"metadata": {"labels": {**pod.labels, **labels}, "annotations": dict(pod.annotations)},
                          "spec": pod_spec},
         },
+    }
+
+
+def _retry_per_index(spec: JobSpec) -> dict:
+    """Independent pods: the Job retries a failed index alone (restartPolicy.maxRestarts times); the
+    first index out of retries fails the Job (the others wait on its share); bad config or data fails
+    it at once; a disruption is not counted."""
+    return {
+        "backoffLimitPerIndex": spec.restart_policy.max_restarts,
+        "maxFailedIndexes": 0,
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                  "values": sorted(int(c) for c in NO_RETRY)}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
     }

@@ -52,3 +52,31 @@ def test_dhad_run_trains_on_teacher_answers(tmp_path):
     assert len(answered) == len(prompts) and all(count == 1 for count in answered.values()), answered
     logs = (tmp_path / "run" / "jobs" / "sftjob-tiny-sft")
     assert "respond" in (logs / "respond-1-0.log").read_text() and (logs / "sft-1-0.log").exists()
+
+
+def test_dhad_run_evaluates_a_model_beside_a_compared_one(tmp_path):
+    """An EvalJob with evaluation.compare: the runtime downloads both models, the stage scores them on the
+    same sample, and the status carries both models' scores ("base:" for the compared one)."""
+    bench = REPO / ".." / "shared" / "benchmarks" / "acegpt" / "EXAMS_Arabic"
+    aligned, base = init_tiny_model(tmp_path / "aligned"), init_tiny_model(tmp_path / "base", seed=1)
+    doc = yaml.safe_load((REPO / "examples" / "tiny" / "eval.yaml").read_text())
+    doc["spec"]["model"] = {"uri": "s3://dhad-demo/models/aligned"}
+    for field in ("judge", "referenceAnswers"):  # MC only: no judge (and no job it comes from) to wait for
+        doc["spec"]["evaluation"].pop(field)
+    doc["spec"]["evaluation"].update(suites=["exams"], limit=12, compare=[{"name": "base", "model": {"uri": "s3://dhad-demo/models/base"}}])
+    manifest = tmp_path / "eval.yaml"
+    manifest.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    puts = [f"{aligned}=s3://dhad-demo/models/aligned", f"{base}=s3://dhad-demo/models/base",
+            f"{bench}=s3://dhad-demo/benchmarks/acegpt/EXAMS_Arabic"]
+    done = subprocess.run(
+        [sys.executable, "-m", "dhad_trainer.cli", "run", "-f", str(manifest), "--workdir", str(tmp_path / "run"),
+         *[arg for put in puts for arg in ("--put", put)]],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    status = json.loads(done.stdout[done.stdout.index("{"):])
+    assert status["state"] == "Succeeded"
+    logs = tmp_path / "run" / "jobs" / "evaljob-tiny-eval"
+    final = json.loads((logs / "eval-progress.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    assert set(final["scores"]) == {"exams/loglikelihood", "base:exams/loglikelihood"}  # what status.scores gets
+    log = (logs / "eval-1-0.log").read_text()
+    assert "evaluating s3://dhad-demo/models/aligned, base on exams" in log

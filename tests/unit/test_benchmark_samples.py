@@ -65,7 +65,7 @@ def test_a_listing_store_reads_only_the_mmlu_subjects_that_are_there() -> None:
     for split in ("test", "dev"):
         via_store = load_suite("arabic-mmlu", "s3://demo/benchmarks/acegpt", split, store=store)
         assert via_store == load_suite("arabic-mmlu", SAMPLE_BENCHMARKS, split)
-    assert len({i.subject for i in via_store}) == 6
+    assert len({i.subject for i in via_store}) == 8
 
 
 def test_the_demo_uses_the_real_files_where_configured_else_the_samples(tmp_path: Path, monkeypatch) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -27,7 +27,7 @@ from dhad_api.data_prep import (
 )
 from dhad_trainer.data import DataError, ReadCounts
 from dhad_trainer.data.decontam import Decontaminator, build_decontaminator
-from dhad_trainer.data.dedup import ExactDeduper, NearDeduper
+from dhad_trainer.data.dedup import Banding, candidate_pairs, exact_key, gid, later_exact_copies, verified
 from dhad_trainer.data.normalize import make_normalizer, match_words
 from dhad_trainer.data.pack import Packer, pack_texts, tokenize_batches
 from dhad_trainer.data.prepare import prepare
@@ -97,6 +97,14 @@ def tokenizer():
     )
     tok.train_from_iterator([DOC_A, DOC_B, DOC_D, DOC_E, DOC_F, DOC_G, QUESTION], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tokenizer, tmp_path_factory):
+    """The same tokenizer as a folder: what the prepare pipeline loads (each worker loads its own)."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def jsonl_bytes(*records) -> bytes:
@@ -206,12 +214,12 @@ def test_object_store_protocol(tmp_path):
         list(iter_source(SourceSpec(uri="s3://corpus/missing"), store))
 
 
-def test_missing_path_and_empty_dataset_raise_data_error_naming_the_path(tmp_path, tokenizer):
+def test_missing_path_and_empty_dataset_raise_data_error_naming_the_path(tmp_path, tokenizer_dir):
     missing = tmp_path / "nowhere" / "data.jsonl"
     with pytest.raises(DataError, match=str(missing)):
         list(iter_source(SourceSpec(uri=str(missing))))
     with pytest.raises(DataError, match=str(missing)):
-        prepare(DataPrepSpec(sources=[{"uri": str(missing)}]), tokenizer, tmp_path / "out")
+        prepare(DataPrepSpec(sources=[{"uri": str(missing)}]), tokenizer_dir, tmp_path / "out")
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"\n\n")
     with pytest.raises(DataError, match=f"{empty}: empty dataset"):
@@ -219,27 +227,49 @@ def test_missing_path_and_empty_dataset_raise_data_error_naming_the_path(tmp_pat
     broken = tmp_path / "broken.jsonl"
     broken.write_bytes(jsonl_bytes({"content": DOC_A}, b"{oops"))
     with pytest.raises(DataError, match=f"{broken}: all 2 records are broken"):
-        prepare(DataPrepSpec(sources=[{"uri": str(broken)}]), tokenizer, tmp_path / "out")
+        prepare(DataPrepSpec(sources=[{"uri": str(broken)}]), tokenizer_dir, tmp_path / "out2")
 
 
 # --- dedup and decontamination --------------------------------------------------------------------
 
 
-def test_exact_dedup_uses_the_matching_key():
-    dedup = ExactDeduper()
-    assert not dedup.is_duplicate(match_words(DOC_A))
-    assert dedup.is_duplicate(match_words(DOC_A_VARIANT))
-    assert dedup.is_duplicate(match_words(DOC_A.replace("،", " ,")))  # punctuation is not part of the key
-    assert not dedup.is_duplicate(match_words(DOC_B_PARAPHRASE)) and len(dedup) == 2
+def test_exact_key_uses_the_matching_key():
+    key = exact_key(match_words(DOC_A))
+    assert exact_key(match_words(DOC_A_VARIANT)) == key
+    assert exact_key(match_words(DOC_A.replace("،", " ,"))) == key  # punctuation is not part of the key
+    assert exact_key(match_words(DOC_B_PARAPHRASE)) != exact_key(match_words(DOC_B))
+
+
+def test_later_exact_copies_keeps_the_first_of_each_key():
+    docs = [DOC_A, DOC_B, DOC_A_VARIANT, DOC_D, DOC_A, DOC_B]
+    keys = [exact_key(match_words(d)) for d in docs]
+    high = np.array([k[0] for k in keys], dtype=np.uint64)
+    low = np.array([k[1] for k in keys], dtype=np.uint64)
+    gids = np.array([gid(i // 3, i % 3) for i in range(6)], dtype=np.uint64)  # two pieces of three
+    order = np.random.default_rng(0).permutation(6)  # the order entries arrive in does not matter
+    later = sorted(later_exact_copies(high[order], low[order], gids[order]).tolist())
+    assert later == [gid(0, 2), gid(1, 1), gid(1, 2)]
 
 
 @pytest.mark.parametrize("unit", list(ShingleUnit))
-def test_near_dedup_catches_a_one_word_paraphrase(unit):
-    near = NearDeduper(DedupSpec(shingle_unit=unit, shingle_size=5 if unit is ShingleUnit.WORDS else 8))
-    for doc in (DOC_A, DOC_B, DOC_D, DOC_G):
-        assert not near.is_duplicate(match_words(doc))
-    assert near.is_duplicate(match_words(DOC_B_PARAPHRASE))
-    assert not near.is_duplicate(match_words(DOC_E)) and len(near) == 5
+def test_banding_finds_and_verifies_a_one_word_paraphrase(unit):
+    banding = Banding(DedupSpec(shingle_unit=unit, shingle_size=5 if unit is ShingleUnit.WORDS else 8))
+    docs = [DOC_A, DOC_B, DOC_D, DOC_G, DOC_B_PARAPHRASE, DOC_E]
+    sigs = np.stack([banding.signature(match_words(d)) for d in docs])
+    keys = banding.band_keys(sigs)
+    assert keys.shape == (6, banding.bands)
+    gids = np.arange(6, dtype=np.uint64)
+    pairs = np.unique(np.concatenate([candidate_pairs(keys[:, b], gids) for b in range(banding.bands)]), axis=0)
+    ok = verified(sigs[pairs[:, 0].astype(int)], sigs[pairs[:, 1].astype(int)], banding.spec.threshold)
+    assert pairs[ok].tolist() == [[1, 4]]  # DOC_B and its paraphrase, earlier first
+
+
+def test_candidate_pairs_pair_each_member_with_the_run_start_and_predecessors():
+    keys = np.array([7, 7, 3, 7, 7, 7, 7, 7, 3], dtype=np.uint64)
+    gids = np.array([10, 11, 12, 13, 14, 15, 16, 17, 18], dtype=np.uint64)
+    pairs = {tuple(p) for p in candidate_pairs(keys, gids).tolist()}
+    assert (12, 18) in pairs and all(a < b for a, b in pairs)
+    assert {(10, 17), (13, 17), (14, 17), (15, 17), (16, 17)} <= pairs and (11, 17) not in pairs
 
 
 def test_decontamination_13_word_span():
@@ -372,7 +402,7 @@ def write_corpus(root: Path) -> list:
     ]
 
 
-def test_prepare_end_to_end_exact_stats(tmp_path, tokenizer):
+def test_prepare_end_to_end_exact_stats(tmp_path, tokenizer, tokenizer_dir):
     sources = write_corpus(tmp_path)
     spec = DataPrepSpec(
         sources=sources,
@@ -381,9 +411,7 @@ def test_prepare_end_to_end_exact_stats(tmp_path, tokenizer):
         packing={"sequenceLength": 64, "blocksPerShard": 8},
     )
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "part-00099.parquet").write_bytes(b"stale shard of an earlier attempt")
-    stats = prepare(spec, tokenizer, out, batch_size=3)
+    stats = prepare(spec, tokenizer_dir, out)
 
     assert stats["dropped"] == {
         "bad_record": 4,
@@ -391,6 +419,7 @@ def test_prepare_end_to_end_exact_stats(tmp_path, tokenizer):
         "too_short": 1,
         "too_long": 1,
         "low_arabic_ratio": 1,
+        "language": 0,
         "repetitive": 1,
         "exact_duplicate": 2,
         "near_duplicate": 1,
@@ -398,23 +427,28 @@ def test_prepare_end_to_end_exact_stats(tmp_path, tokenizer):
     }
     assert stats["documents_in"] == 20 and stats["kept"] == 6
     assert stats["documents_in"] == stats["kept"] + sum(stats["dropped"].values())
+    per_source = {s["name"]: (s["documents_in"], s["kept"]) for s in stats["sources"]}
+    assert per_source == {"source-0": (14, 3), "source-1": (3, 2), "source-2": (3, 1)}
+    for s in stats["sources"]:
+        assert s["documents_in"] == s["kept"] + sum(s["dropped"].values())
 
     norm = make_normalizer(spec.normalization)
-    kept = [norm(d) for d in (DOC_A, DOC_B, DOC_D, DOC_E, DOC_F, DOC_G)]
-    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in kept]
-    assert stats["tokens"] == sum(len(d) + 1 for d in docs)
+    kept_by_source = [(DOC_A, DOC_B, DOC_D), (DOC_E, DOC_F), (DOC_G,)]
+    docs = [[tokenizer(norm(d), add_special_tokens=False)["input_ids"] for d in group] for group in kept_by_source]
+    assert stats["tokens"] == sum(len(d) + 1 for group in docs for d in group)
     assert stats["tokens"] == stats["blocks"] * 64 + stats["dropped_tail_tokens"]
     assert json.loads((out / "stats.json").read_text()) == stats
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert not (out / "work").exists()  # the passes' intermediate files are removed at the end
 
-    shards = sorted(os.listdir(out))
-    assert shards == stats["shards"] + ["stats.json"]  # the stale shard is gone
-    assert len(shards) - 1 == -(-stats["blocks"] // 8)
-    table = pa.concat_tables([pq.read_table(out / s) for s in stats["shards"]])
+    for group, src in zip(docs, manifest["sources"], strict=True):
+        rows = [r for path, _ in src["shards"] for r in pq.read_table(out / path).to_pylist()]
+        assert len(rows) == sum(b for _, b in src["shards"])
+        tail = next(s for s in stats["sources"] if s["name"] == src["name"])["dropped_tail_tokens"]
+        check_written_blocks(rows, group, 64, tokenizer.eos_token_id, tail)
+    table = pq.read_table(out / manifest["sources"][0]["shards"][0][0])
     assert table.schema.field("input_ids").type == pa.list_(pa.int32())
     assert table.schema.field("position_ids").type == pa.list_(pa.int32())
-    assert table.num_rows == stats["blocks"]
-    rows = table.to_pylist()
-    check_written_blocks(rows, docs, 64, tokenizer.eos_token_id, stats["dropped_tail_tokens"])
 
 
 def check_written_blocks(rows, docs, length, eos, tail):
@@ -430,15 +464,15 @@ def check_written_blocks(rows, docs, length, eos, tail):
             assert pos[j] == (0 if j == 0 or (i * length + j - 1) in eos_at else pos[j - 1] + 1)
 
 
-def test_prepare_with_everything_off_keeps_all_good_records(tmp_path, tokenizer):
+def test_prepare_with_everything_off_keeps_all_good_records(tmp_path, tokenizer_dir):
     sources = write_corpus(tmp_path)
     spec = DataPrepSpec(
         sources=sources,
-        filters={"minChars": 0, "minArabicRatio": 0, "maxRepetitionRatio": 1, "dropBadUtf8": False},
+        filters={"minChars": 0, "minArabicRatio": 0, "maxRepetitionRatio": 1, "dropBadUtf8": False, "languages": []},
         dedup={"exact": False, "nearDuplicate": False},
         decontamination={"enabled": False},
         packing={"sequenceLength": 16},
     )
-    stats = prepare(spec, tokenizer, tmp_path / "out")
+    stats = prepare(spec, tokenizer_dir, tmp_path / "out")
     assert stats["dropped"]["bad_record"] == 4 and stats["dropped"]["too_long"] == 0
     assert stats["kept"] == 16 and sum(stats["dropped"].values()) == 4

@@ -3,7 +3,7 @@ accelerator, gloo), checkpointing to S3, crashing, and resuming.
 
 ZeRO-2 runs as one node with two processes and is preempted (SIGTERM) mid-run. ZeRO-3 runs as two one-process "nodes" (two launchers, node
 ranks 0 and 1 on 127.0.0.1), which is where per-node uploads matter: each node holds its own ZeRO shards.
-That run also expands the vocabulary, so both nodes must build the same tokenizer and data.
+That run also expands the vocabulary: the prepare pod learns the merges once, both nodes resize the model from them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dhad_trainer.local.tiny import DEFAULT_CORPUS, init_tiny_model
 from dhad_trainer.storage.checkpoints import CheckpointStore
 from dhad_trainer.storage.routing import open_store
 from tests.harness.processes import free_port
-from tests.unit.test_launcher import Launch, job_doc
+from tests.unit.test_launcher import Launch, job_doc, prepare_job
 
 pytestmark = [pytest.mark.torchrun, pytest.mark.s3]
 STEPS = 4
@@ -35,7 +35,8 @@ def setup(s3_server, s3_bucket, tmp_path_factory):
     store = open_store(base)
     store.upload_dir(init_tiny_model(tmp / "tiny", seed=0), f"{base}/models/tiny")
     store.put_bytes(f"{base}/data/corpus.txt", DEFAULT_CORPUS.read_bytes())
-    env = {**s3_server.env(), "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}  # set by tests/conftest.py
+    env = {**s3_server.env(), "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],  # set by tests/conftest.py
+           "DHAD_PREPARED_ROOT": f"{base}/prepared"}
     return tmp, base, store, env
 
 
@@ -50,6 +51,8 @@ def zero2(setup):
     """Preempted (SIGTERM to the launcher, as at eviction) once step 2 is done; the rerun resumes."""
     tmp, base, store, env = setup
     job = doc(setup, "z2", steps=6, interval=100, distributed={"strategy": "deepspeed", "zeroStage": 2})
+    prepare_job(job, tmp / "z2-prepare", env)
+    env = {**env, "DHAD_STAGE": "pretrain"}
     preempted = Launch.start(job, tmp / "z2a", {**env, "DHAD_TEST_STEP_SECONDS": "1"})
     preempted.wait_for(lambda launch: any(r["step"] >= 2 for r in launch.reports()))
     preempted.proc.send_signal(signal.SIGTERM)
@@ -64,6 +67,8 @@ def zero3(setup):
     """Node 1 crashes at step 3; the operator then deletes node 0 (SIGTERM); both rerun and resume."""
     tmp, base, store, env = setup
     job = doc(setup, "z3", nodes=2, vocabulary=32, distributed={"strategy": "deepspeed", "zeroStage": 3})
+    prepare_job(job, tmp / "z3-prepare", env)
+    env = {**env, "DHAD_STAGE": "pretrain"}
 
     def gang(tag: str, extra: dict) -> list[Launch]:
         port = str(free_port())

@@ -8,7 +8,15 @@ from typing import IO
 
 import pytest
 
-from dhad_trainer.evaluation.loaders import NO, YES, EvalItem, apply_limit, load_suite
+from dhad_trainer.evaluation.loaders import (
+    NO,
+    YES,
+    EvalItem,
+    apply_limit,
+    load_suite,
+    proportional_quotas,
+    sample_summary,
+)
 from dhad_trainer.evaluation.mmlu_subjects import CATEGORIES, SUBJECT_CATEGORY
 from tests.conftest import ACEGPT as BENCH
 
@@ -76,14 +84,59 @@ def test_open_ended_sets() -> None:
     assert len({i.id for i in alpaca}) == 805
 
 
-def test_limit_per_subject_and_total_is_deterministic() -> None:
-    per = load_suite("arabic-mmlu", BENCH, limit=2)
+def test_proportional_quotas_by_hand() -> None:
+    # exact shares 3.5, 2.1, 1.4 -> floors 3, 2, 1 (6); the one left goes to the largest remainder (a)
+    assert proportional_quotas({"a": 50, "b": 30, "c": 20}, 7) == {"a": 4, "b": 2, "c": 1}
+    assert proportional_quotas({"a": 5, "b": 1}, 10) == {"a": 5, "b": 1}  # limit above the total: all
+    ties = [proportional_quotas({"x": 1, "y": 1, "z": 1}, 1, seed) for seed in range(12)]
+    assert all(sum(q.values()) == 1 for q in ties) and len({next(k for k, v in q.items() if v) for q in ties}) > 1
+
+
+def test_limit_is_a_stratified_proportional_sample_of_mmlu() -> None:
+    population = load_suite("arabic-mmlu", BENCH)
+    sample = load_suite("arabic-mmlu", BENCH, limit=570, seed=3)
+    sizes, got = Counter(i.subject for i in population), Counter(i.subject for i in sample)
+    assert len(sample) == 570 and set(got) == set(sizes)  # all 57 subjects, not the first 5 in name order
+    for subject, n in sizes.items():  # each share is floor or ceil of its exact proportional share
+        assert abs(got[subject] - 570 * n / 14042) < 1, subject
+    cats = Counter(i.category for i in sample)
+    for cat, n in {"STEM": 3018, "humanities": 4705, "social sciences": 3077, "other": 3242}.items():
+        assert abs(cats[cat] - 570 * n / 14042) <= 57 / 4 + 1  # proportional up to per-subject rounding
+    order = {it.id: k for k, it in enumerate(population)}
+    assert [order[i.id] for i in sample] == sorted(order[i.id] for i in sample)  # file order
+    assert sample == load_suite("arabic-mmlu", BENCH, limit=570, seed=3)  # same seed, same items
+    other = load_suite("arabic-mmlu", BENCH, limit=570, seed=4)
+    assert Counter(i.subject for i in other) == got and other != sample  # same quotas, other draw
+    firsts = {f"{s}-{k}" for s in sizes for k in range(got[s])}
+    assert {i.id for i in sample} != firsts  # a draw, not each subject's first items
+
+
+def test_limit_on_acva_spreads_over_the_largest_topics() -> None:
+    sizes = Counter(i.topic for i in load_suite("acva", BENCH))
+    sample = load_suite("acva", BENCH, limit=24, seed=0)
+    got = Counter(i.topic for i in sample)
+    assert len(sample) == 24 and max(got.values()) == 1  # 24 topics, one statement each
+    assert min(sizes[t] for t in got) >= max(sizes[t] for t in sizes if t not in got)
+
+
+def test_limit_per_subject_gives_equal_counts() -> None:
+    per = load_suite("arabic-mmlu", BENCH, limit=2, limit_per="subject", seed=1)
     assert len(per) == 114 and all(n == 2 for n in Counter(i.subject for i in per).values())
-    assert per == load_suite("arabic-mmlu", BENCH, limit=2)
-    total = load_suite("acva", BENCH, limit=10, limit_per="total")
-    assert [i.id for i in total] == [i.id for i in load_suite("acva", BENCH)[:10]]
-    assert len(load_suite("acva", BENCH, limit=1)) == 58
-    assert apply_limit(total, None, "total") == total
+    assert per == load_suite("arabic-mmlu", BENCH, limit=2, limit_per="subject", seed=1)
+    exams = load_suite("exams", BENCH)
+    few = [i for i in exams if i.subject in ("Physics", "Biology")]
+    alone = apply_limit(few, 3, "subject", seed=1)  # a subject's draw does not depend on the others
+    assert [i for i in apply_limit(exams, 3, "subject", seed=1) if i.subject in ("Physics", "Biology")] == alone
+    assert apply_limit(exams, None, "total") == exams
+
+
+def test_sample_summary_lists_the_ids() -> None:
+    population = load_suite("exams", BENCH)
+    sample = apply_limit(population, 20, "total", seed=5)
+    s = sample_summary(population, sample, 20, "total", 5)
+    assert s["ids"] == [i.id for i in sample] and s["seed"] == 5 and s["drawn"] == 20
+    assert s["subjects_covered"] == "5/5" and s["per_subject"]["Social"] == [10, 272]  # 20 * 272/537 = 10.1
+    assert "proportional" in s["rule"]
 
 
 class FakeS3:

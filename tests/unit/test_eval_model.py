@@ -106,6 +106,57 @@ def test_batched_loglikelihood_matches_unpadded_forward(tiny) -> None:
     assert HFModelRunner(model, tok, batch_size=1).loglikelihood(requests) == pytest.approx(batched, abs=1e-4)
 
 
+def test_shared_prefix_is_computed_once_and_scores_the_same(tiny) -> None:
+    """Few-shot prompts of one subject share a long prefix: with the prefix cache each group's prefix goes
+    through the model once, and every score equals an unpadded forward of the whole sequence."""
+    model, tok = tiny
+    shots = "فيما يلي أسئلة الاختيار من متعدد (مع الإجابات) حول علم الأحياء\n\n" + "".join(
+        f"سؤال: {s}\nإجابة: ب\n\n" for s in SENTENCES[:4]
+    )
+    other = "اللغة العربية من أقدم اللغات السامية وأوسعها انتشارا في العالم. " * 3
+    shorter = "فيما يلي أسئلة حول اللغة\n\n" + "".join(f"سؤال: {s}\nإجابة: أ\n\n" for s in SENTENCES[5:7])
+    requests = [
+        (shots + f"سؤال: ما عاصمة البلد رقم {k}؟\nإجابة:", cont)
+        for k in range(5)
+        for cont in (" A", " B", " C", " D", " القاهرة")  # one-token and several-token continuations
+    ] + [  # a second subject whose shared prefix is shorter: prefixes of two lengths in one pass
+        (shorter + f"سؤال: {w}\nإجابة:", cont) for w in ("الأولى", "الثانية الطويلة جدا") for cont in (" أ", " ب")
+    ] + [(other + "إجابة:", " نعم"), (other + "إجابة:", " لا"), ("كان الخليل", "ي عالما")]
+    cached = HFModelRunner(model, tok, batch_size=4)
+    plain = HFModelRunner(model, tok, batch_size=4, prefix_cache=False)
+    got, want = cached.loglikelihood(requests), plain.loglikelihood(requests)
+    for (ctx, cont), value in zip(requests, got, strict=True):
+        ids, start = cached._split(ctx, cont)
+        assert value == pytest.approx(_manual_logprob(model, ids, start), abs=1e-4)
+    assert got == pytest.approx(want, abs=1e-4)
+    prefix_len = len(tok(shots)["input_ids"])
+    groups = [p for p, _ in cached._groups(cached._rows(requests)) if p]
+    assert len(groups) == 2 and len(set(groups)) == 2  # two subjects, two prefix lengths, one prefix pass
+    assert cached.stats["prefix_tokens"] >= prefix_len  # the five questions' prefix was run once...
+    assert cached.stats["prefix_tokens"] + cached.stats["row_tokens"] < plain.stats["row_tokens"] * 0.6  # ...not 5x
+    single = [(shots + "سؤال: س\nإجابة:", f" {x}") for x in "ABCD"]
+    one = HFModelRunner(model, tok, batch_size=8, prefix_cache=False)
+    one.loglikelihood(single)
+    assert one.stats["forwards"] == 1  # the four letters of one question share one row
+
+
+def test_windowed_tokenization_equals_whole_encoding(tiny) -> None:
+    """Each continuation is tokenized with the context's last 64 characters only; the ids must be the
+    ones a whole encoding gives, merges across the boundary included."""
+    model, tok = tiny
+    long = " ".join(SENTENCES) * 2
+    requests = [(long + "\nإجابة:", f" {x}") for x in "ABCD"] + [
+        (long + " كان الخليل", "ي عالما"),  # the continuation merges with the context's last word
+        (long + " الإجابة", "الصحيحة"),
+        (long + " نعم", ""),
+        ("قصير", " جدا"),  # shorter than the window: encoded whole
+        (long + "   ", " نعم"),  # trailing spaces merge with the continuation's
+    ]
+    runner = HFModelRunner(model, tok)
+    assert runner._pairs(requests) == [runner._split(c, x) for c, x in requests]
+    assert runner.whole_encodes == 1  # only the short context; the windowed path did the rest
+
+
 def test_batched_generation_matches_single(tiny) -> None:
     model, tok = tiny
     prompts = ["سؤال: ما عاصمة مصر؟\nإجابة:", "نعم", "فيما يلي أسئلة الاختيار من متعدد حول علم الأحياء"]
@@ -127,7 +178,7 @@ def test_loglikelihood_is_faster_than_generation(tiny) -> None:
     forward is mostly fixed overhead, so wall-clock gains understate what a real model on a GPU sees
     (where every decode step re-reads all weights); the forward count is the robust measure."""
     model, tok = tiny
-    items = load_suite("arabic-mmlu", BENCH)  # Dhad's samples: 36 questions
+    items = load_suite("arabic-mmlu", BENCH)  # Dhad's samples: 48 questions
     calls = []
     hook = model.register_forward_hook(lambda *_: calls.append(1))
     qps, forwards = {}, {}
@@ -148,7 +199,7 @@ def test_loglikelihood_is_faster_than_generation(tiny) -> None:
     print(
         f"\nquestions/s on the tiny model: { {k: round(v, 1) for k, v in qps.items()} }, forwards {forwards}"
     )
-    assert forwards["loglikelihood"] == 3  # 36 questions, 16 per batch, the 4 letters share a row
+    assert forwards["loglikelihood"] == 3  # 48 questions, 16 per batch, the 4 letters share a row
     assert forwards["generate"] >= 5 * forwards["loglikelihood"]  # up to 10 sequential steps per batch
     assert forwards["generate, batch 1"] >= 5 * len(items)
     # wall-clock is printed, not asserted: on 2 shared CPU cores it swings several-fold between runs
@@ -157,27 +208,29 @@ def test_loglikelihood_is_faster_than_generation(tiny) -> None:
 def test_end_to_end_all_suites_both_methods(tiny, tmp_path: Path) -> None:
     model, tok = tiny
     runner = HFModelRunner(model, tok, batch_size=16, max_length=256)
-    settings = EvalSettings(source=str(BENCH), limit=24, limit_per="total", k_shot=1, max_new_tokens_open=12)
+    settings = EvalSettings(source=str(BENCH), limit=24, k_shot=1, max_new_tokens_open=12,
+                            open_metrics=("judge-pairwise",))
     references = {
-        s: {i.id: "إجابة مرجعية" for i in load_suite(s, BENCH, limit=24, limit_per="total")}
-        for s in ("vicuna-80", "alpaca-eval")
+        s: {i.id: "إجابة مرجعية" for i in load_suite(s, BENCH, limit=24)} for s in ("vicuna-80", "alpaca-eval")
     }
     headline = run_eval(
         settings, runner, tmp_path, model="tiny-llama", judge=LengthJudge(), references=references
     )
-    assert set(headline) == {
+    assert set(headline) >= {
         f"{s}/{m}" for s in ("acva", "arabic-mmlu", "exams") for m in (GENERATE, LOGLIKELIHOOD)
-    } | {"vicuna-80/generate+judge", "alpaca-eval/generate+judge"}
+    }
     for name, value in headline.items():  # each recounted from the per-item predictions
         suite, method = name.split("/")
-        assert value == pytest.approx(recount(tmp_path, suite, method), abs=5e-5), name  # rounded to 4 places
+        if suite in ("acva", "arabic-mmlu", "exams"):
+            assert value == pytest.approx(recount(tmp_path, suite, method), abs=5e-5), name  # rounded to 4 places
     doc = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     by = {(s["suite"], s["method"]): s for s in doc["suites"]}
     assert by[("arabic-mmlu", GENERATE)]["k_shot"] == 1 and by[("acva", GENERATE)]["k_shot"] == 0
     assert by[("arabic-mmlu", LOGLIKELIHOOD)]["metrics"]["unparsed"] == 0
     assert by[("acva", GENERATE)]["metrics"]["n"] == 24
-    judged = by[("vicuna-80", "generate+judge")]["metrics"]
+    judged = by[("vicuna-80", "judge-pairwise")]["metrics"]
     assert judged["wins"] + judged["ties"] + judged["losses"] == 24 and judged["invalid"] == 0
+    assert judged["forced"] == 0 and judged["inconsistent"] == 0  # LengthJudge is order-independent
     assert (tmp_path / "scores.png").exists() and (tmp_path / "summary.md").exists()
     assert (tmp_path / "acva_topics_loglikelihood.png").exists() and (
         tmp_path / "mmlu_categories_generate.png"

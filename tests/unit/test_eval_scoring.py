@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from dhad_trainer.evaluation.duplicates import find_duplicates
-from dhad_trainer.evaluation.loaders import EvalItem
+from dhad_trainer.evaluation.loaders import EvalItem, load_suite
 from dhad_trainer.evaluation.mmlu_subjects import CATEGORIES
 from dhad_trainer.evaluation.prompts import build_prompt, continuations, shots_by_subject
 from dhad_trainer.evaluation.report import write_report
-from dhad_trainer.evaluation.scoring import GENERATE, JUDGED, LOGLIKELIHOOD, score_suite
+from dhad_trainer.evaluation.scoring import GENERATE, JUDGED, LOGLIKELIHOOD, PAIRWISE, score_suite
+from tests.conftest import ACEGPT
 
 CHOICES = {"A": "واحد", "B": "اثنان", "C": "ثلاثة", "D": "أربعة"}
 
@@ -117,16 +118,26 @@ def test_open_ended_judged_in_both_orders() -> None:
     refs = {"0": "قصير", "1": "إجابة مرجعية طويلة جدا جدا", "2": "إجابة طويلة"}  # "3" has no reference
     runner = ScriptedRunner(["إجابة طويلة"])
     r = score_suite(items, runner, GENERATE, judge=LengthJudge(), references=refs, max_new_tokens_open=64)
-    assert r.method == JUDGED and [x.pred for x in r.items] == ["win", "loss", "tie", None]
-    assert (r.metrics["wins"], r.metrics["ties"], r.metrics["losses"], r.metrics["invalid"]) == (1, 1, 1, 1)
-    assert r.metrics["score"] == pytest.approx(0.5) and r.metrics["missing_references"] == 1
+    assert r.method == JUDGED == PAIRWISE and [x.pred for x in r.items] == ["win", "loss", "tie", None]
+    assert (r.metrics["wins"], r.metrics["ties"], r.metrics["losses"], r.metrics["invalid"]) == (1, 1, 1, 0)
+    assert r.metrics["score"] == pytest.approx(0.5) and r.metrics["missing_references"] == 1  # not judged
     assert runner.calls == [("generate", 4, 64)]
     biased = score_suite(items[:3], runner, GENERATE, judge=FirstJudge(), references=refs, judge_runs=3)
-    assert biased.metrics["ties"] == 9 and biased.metrics["score"] == 0.5  # position bias cancels out
+    assert biased.metrics["ties"] == 9 and biased.metrics["score"] == 0.5  # position bias cancels out...
+    assert biased.metrics["inconsistent"] == 9 and biased.flag  # ...and the report says the judge is biased
     broken = score_suite(items[:2], runner, GENERATE, judge=BrokenJudge(), references=refs)
-    assert broken.metrics["invalid"] == 2 and broken.headline == 0.0
+    assert broken.metrics["invalid"] == 2 and broken.flag == "no valid verdict"
     unjudged = score_suite(items, runner, GENERATE)
     assert unjudged.headline is None and unjudged.items[0].output == "إجابة طويلة"
+
+
+def test_generate_counts_hedges_apart() -> None:
+    items = [mc(i, "A") for i in range(4)]
+    r = score_suite(items, ScriptedRunner(["A, B, C, D", "A", "كلام عشوائي ب", "لا أعرف"]), GENERATE)
+    assert [x.pred for x in r.items] == [None, "A", None, None]
+    assert [x.reason for x in r.items] == ["hedged", None, "leftover", "abstained"]
+    assert r.metrics["accuracy"] == 0.25 and r.metrics["hedged"] == 1  # the hedge earns nothing
+    assert r.metrics["unparsed_reasons"] == {"abstained": 1, "hedged": 1, "leftover": 1}
 
 
 def test_report_files(tmp_path: Path) -> None:
@@ -155,7 +166,7 @@ def test_report_files(tmp_path: Path) -> None:
         "arabic-mmlu/loglikelihood",
         "acva/generate",
         "acva/loglikelihood",
-        "alpaca-eval/generate+judge",
+        "alpaca-eval/judge-pairwise",
     }
     out = tmp_path / "out"
     for name in (
@@ -172,5 +183,51 @@ def test_report_files(tmp_path: Path) -> None:
     assert doc["suites"][0]["metrics"]["per_category"] and doc["duplicates"]["acva"]["n_items"] == 12
     md = (out / "summary.md").read_text(encoding="utf-8")
     assert "| arabic-mmlu | loglikelihood |" in md and "not comparable" in md and "Duplicate questions" in md
-    preds = (out / "predictions_alpaca-eval_generate_judge.jsonl").read_text(encoding="utf-8").splitlines()
+    preds = (out / "predictions_alpaca-eval_judge-pairwise.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(preds) == 3 and json.loads(preds[0])["method"] == JUDGED
+
+
+class PreferModelScores:
+    """A scoring judge (score_many) that scores by content, whatever the position: an answer starting with
+    "جيد" 9, the reference ("مرجع") 7, anything else 3."""
+
+    identity = "scripted"
+
+    def score_many(self, items, run, sample):
+        from dhad_trainer.evaluation.judging import Scored
+
+        def score(text: str) -> float:
+            return 9.0 if text.startswith("جيد") else 7.0 if text == "مرجع" else 3.0
+
+        return [Scored((score(a), score(b)), "ok") for _, a, b in items]
+
+
+BENCH = ACEGPT  # the scripted replies line up with the real files' batches (on the samples, other counts)
+
+
+@pytest.mark.benchmarks
+def test_several_models_side_by_side(tmp_path: Path) -> None:
+    from dhad_trainer.evaluation.job import EvalSettings, run_eval
+
+    aligned, base = ScriptedRunner(["جيد: A", "نعم"]), ScriptedRunner(["B, C", "لا"])
+    released = []
+    refs = {s: {i.id: "مرجع" for i in load_suite(s, BENCH, limit=6)} for s in ("vicuna-80",)}
+    settings = EvalSettings(source=str(BENCH), suites=("exams", "vicuna-80"), methods=(GENERATE,), limit=6, seed=2,
+                            runs=2, max_new_tokens_open=8)
+    headline = run_eval(settings, {"aligned": aligned, "base": lambda: base}, tmp_path, judge=LengthJudge(),
+                        score_judge=PreferModelScores(), references=refs, release=released.append)
+    assert released == [aligned, base]  # each model freed once its suites are done
+    assert headline["vicuna-80/judge-scores"] == round(9 / 7, 4)  # 9 vs 7 in both positions, both runs
+    assert headline["base:vicuna-80/judge-scores"] == round(3 / 7, 4)
+    assert "exams/generate" in headline and "base:exams/generate" in headline
+    doc = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert doc["models"] == ["aligned", "base"] and set(doc["compared"]) == {"base"}
+    base_exams = next(s for s in doc["compared"]["base"] if s["suite"] == "exams")
+    assert base_exams["metrics"]["hedged"] == 3 and base_exams["metrics"]["unparsed"] == 6  # "B, C" and "لا"
+    ids = {json.loads(line)["id"] for line in (tmp_path / "predictions_exams_generate.jsonl").open()}
+    assert ids == {json.loads(line)["id"] for line in (tmp_path / "predictions_base_exams_generate.jsonl").open()}
+    assert ids == set(doc["samples"]["exams"]["ids"]) and doc["samples"]["exams"]["seed"] == 2
+    md = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "| suite | method | metric | chance | aligned | base |" in md
+    assert "ratio of summed 1-10 scores" in md and "(parity)" in md
+    assert (tmp_path / "open_ended_ratio.png").is_file() and (tmp_path / "scores.png").is_file()

@@ -99,6 +99,14 @@ class Launch:
         raise AssertionError(f"condition not reached; log tail:\n{self.log[-3000:]}")
 
 
+def prepare_job(doc: dict, folder: Path, env: dict | None = None) -> Launch:
+    """Runs a PretrainJob's prepare sub-stage as its single worker pod would; training launches then
+    need DHAD_STAGE=pretrain (a pod runs the sub-stage the operator names)."""
+    launch = Launch.start(doc, folder, {**(env or {}), "DHAD_STAGE": "prepare"}, nproc=1)
+    assert launch.wait() == 0, launch.log[-4000:]
+    return launch
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     """A folder that looks like a model to the checks (they only look, no torch here)."""

@@ -176,10 +176,13 @@ def test_gated_hf_model_needs_the_token_from_the_secret_reference(tmp_path, hub,
         try:
             from huggingface_hub import constants
 
-            old = constants.ENDPOINT
-            constants.ENDPOINT = env["HF_ENDPOINT"]
-            preflight.check_job(Job.model_validate(doc))
-            constants.ENDPOINT = old
+            # huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, when first imported
+            old = constants.ENDPOINT, constants.HF_HUB_OFFLINE
+            constants.ENDPOINT, constants.HF_HUB_OFFLINE = env["HF_ENDPOINT"], False
+            try:
+                preflight.check_job(Job.model_validate(doc))
+            finally:
+                constants.ENDPOINT, constants.HF_HUB_OFFLINE = old
         finally:
             for k, v in saved.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -1,8 +1,9 @@
 """A tiny PretrainJob under real torchrun (2 CPU processes, gloo) with checkpoints in a real S3 server:
 an uninterrupted run, a run that crashes after its step-4 checkpoint, and its rerun, which must resume
-at step 4 and then see the same batches and losses as the uninterrupted run; and one process with the
-same global batch (micro batch 4 instead of 2 x 2), which must see the same blocks per step and end
-with the same weights: the two ranks trained one model.
+at step 4 and then see the same batches and losses as the uninterrupted run. Each run is the prepare
+sub-stage's pod, then the pretrain sub-stage's: the second job and the rerun find the data prepared. One
+more job runs in one process with the same global batch (micro batch 4 instead of 2 x 2): it must see the
+same blocks per step and end with the same weights, so the two ranks trained one model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dhad_api.reasons import ExitCode, Reason
 from dhad_trainer.local.tiny import DEFAULT_CORPUS, init_tiny_model
 from dhad_trainer.storage.checkpoints import CheckpointStore
 from dhad_trainer.storage.routing import open_store
-from tests.unit.test_launcher import Launch, job_doc
+from tests.unit.test_launcher import Launch, job_doc, prepare_job
 
 pytestmark = [pytest.mark.torchrun, pytest.mark.s3]
 STEPS = 8
@@ -37,20 +38,26 @@ def runs(s3_server, s3_bucket, tmp_path_factory):
         return job_doc(f"{base}/models/tiny", f"{base}/data/corpus.txt", root=f"{base}/{uid}", bucket=s3_bucket,
                        uid=uid, steps=STEPS)
 
-    out = {"base": base, "store": store}
-    full = Launch.start(doc("a"), tmp / "a", {**env, "DHAD_TEST_BATCH_LOG": str(tmp / "a" / "batches"),
-                                              "DHAD_TEST_WEIGHTS_FILE": str(tmp / "a" / "weights")})
+    out = {"base": base, "store": store, "prepared": {}}
+    env = {**env, "DHAD_PREPARED_ROOT": f"{base}/prepared"}
+
+    def launch(uid: str, folder, extra: dict, job: dict | None = None, nproc: int = 2) -> Launch:
+        job = job or doc(uid)
+        out["prepared"][folder.name] = prepare_job(job, folder / "prepare", env).log
+        return Launch.start(job, folder, {**env, "DHAD_STAGE": "pretrain", **extra}, nproc=nproc)
+
+    full = launch("a", tmp / "a", {"DHAD_TEST_BATCH_LOG": str(tmp / "a" / "batches"),
+                                   "DHAD_TEST_WEIGHTS_FILE": str(tmp / "a" / "weights")})
     out["a"] = (full, full.wait())
     single = doc("one")
     single["spec"]["training"]["microBatchSize"] = 4  # the global batch of 2 processes x 2
-    one = Launch.start(single, tmp / "one", {**env, "DHAD_TEST_BATCH_LOG": str(tmp / "one" / "batches"),
-                                             "DHAD_TEST_WEIGHTS_FILE": str(tmp / "one" / "weights")}, nproc=1)
+    one = launch("one", tmp / "one", {"DHAD_TEST_BATCH_LOG": str(tmp / "one" / "batches"),
+                                      "DHAD_TEST_WEIGHTS_FILE": str(tmp / "one" / "weights")}, job=single, nproc=1)
     out["one"] = (one, one.wait())
-    crash_env = {**env, "DHAD_TEST_CRASH_AT_STEP": "5", "DHAD_TEST_CRASH_RANK": "1"}
-    crashed = Launch.start(doc("b"), tmp / "b1", crash_env)
+    crashed = launch("b", tmp / "b1", {"DHAD_TEST_CRASH_AT_STEP": "5", "DHAD_TEST_CRASH_RANK": "1"})
     out["crash"] = (crashed, crashed.wait())
     out["after_crash"] = CheckpointStore(store, f"{base}/b/pretrain/checkpoints").steps()
-    resumed = Launch.start(doc("b"), tmp / "b2", {**env, "DHAD_TEST_BATCH_LOG": str(tmp / "b2" / "batches")})
+    resumed = launch("b", tmp / "b2", {"DHAD_TEST_BATCH_LOG": str(tmp / "b2" / "batches")})
     out["resume"] = (resumed, resumed.wait())
     return out
 
@@ -90,6 +97,19 @@ def test_training_writes_checkpoints_progress_and_final_model(runs, tmp_path):
     assert out.shape[1] == prompt["input_ids"].shape[1] + 6
     card = (tmp_path / "model" / "README.md").read_text()
     assert '"learningRate": 0.002' in card and '"prepared_data"' in card and '"commit"' in card
+
+
+def test_the_data_is_prepared_once_and_each_rank_streams_its_own_share(runs):
+    store, base = runs["store"], runs["base"]
+    pointer = json.loads(store.get_bytes(f"{base}/a/prepare/prepared.json"))
+    assert pointer == json.loads(store.get_bytes(f"{base}/b/prepare/prepared.json"))  # the same dataset
+    assert pointer["uri"].startswith(f"{base}/prepared/") and store.exists(f"{pointer['uri']}/MANIFEST.json")
+    passes = json.loads(store.get_bytes(f"{pointer['uri']}/passes.json"))
+    assert len({m["worker"] for stage in passes.values() for m in stage.values()}) == 1  # job a's pod only
+    full, _ = runs["a"]
+    shares = [{i for batch in batches(full, rank) for i in batch} for rank in (0, 1)]
+    assert not shares[0] & shares[1] and min(len(shares[0]), len(shares[1])) >= 2 * STEPS
+    assert all(i // 2 % 2 == rank for rank in (0, 1) for i in shares[rank])  # batch b of 2 goes to rank b % 2
 
 
 def test_crash_exits_worker_failed_after_the_step_4_checkpoint(runs):

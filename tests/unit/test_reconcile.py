@@ -427,3 +427,42 @@ def test_backoff_is_capped_and_failed_nodes_are_avoided():
     job = decide_at(then(obj, plan), Observed(children_exist=True), later).create[0]
     terms = job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert terms[0]["matchExpressions"][0]["values"] == ["node-1"]
+
+
+def prepare_obj(**status) -> dict:
+    """A PretrainJob in its prepare sub-stage (3 workers), attempt 1 created."""
+    obj = job_obj("pretrain", data={**yaml.safe_load((REPO / "examples" / "tiny" / "pretrain.yaml").read_text())["spec"]["data"],
+                                    "workers": 3})
+    obj["metadata"]["name"] = "tiny-sft"
+    plan = decide_at(obj)
+    assert [c["metadata"]["name"] for c in plan.create if c["kind"] == "Job"] == ["tiny-sft-dp-1"]
+    return then(obj, plan)
+
+
+def test_a_failed_prepare_worker_is_left_to_the_job_to_retry_alone():
+    obj = prepare_obj()
+    pods = [pod("prepare", 1, 0), exited("prepare", 1, 70, "worker 1: boom", index=1), pod("prepare", 1, 2)]
+    plan = decide_at(obj, Observed(jobs=[k8s_job("prepare", 1)], pods=pods, children_exist=True))
+    assert not plan.delete_jobs and not plan.create and plan.status.get("restarts", 0) == 0
+    assert plan.status["state"] == "Running" and plan.status["attempt"] == 1
+
+
+def test_a_prepare_job_that_failed_ends_the_attempt_with_its_pods_reason():
+    obj = prepare_obj()
+    retried = decide_at(obj, Observed(jobs=[k8s_job("prepare", 1, "Failed")],
+                                      pods=[exited("prepare", 1, 70, "out of retries", index=1)], children_exist=True))
+    assert retried.delete_jobs == ["tiny-sft-dp-1"] and retried.status["restarts"] == 1
+    assert retried.status["state"] == "Restarting"
+    bad = decide_at(obj, Observed(jobs=[k8s_job("prepare", 1, "Failed")],
+                                  pods=[exited("prepare", 1, 65, json.dumps({"reason": "DataError", "message": "s3://x: empty dataset"}),
+                                                index=2)], children_exist=True))
+    assert bad.status["state"] == "Failed" and condition(bad.status, "Failed")["reason"] == "DataError"
+    assert "empty dataset" in condition(bad.status, "Failed")["message"] and bad.status.get("restarts", 0) == 0
+
+
+def test_a_complete_prepare_job_starts_the_pretrain_gang():
+    obj = prepare_obj()
+    plan = decide_at(obj, Observed(jobs=[k8s_job("prepare", 1, "Complete")], children_exist=True))
+    assert plan.status["stage"] == "pretrain"
+    assert [c["metadata"]["name"] for c in plan.create] == ["tiny-sft-pt-1"]
+    assert plan.create[0]["spec"]["backoffLimit"] == 0 and plan.create[0]["spec"]["completions"] == 2

@@ -361,3 +361,21 @@ def test_every_env_name_the_operator_sets_is_reserved_in_the_api():
     job = training_job(Owner("RLAIFJob", "x", "ns", "uid"), spec, "feedback", 1, Defaults())
     names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert names - {e.name for e in spec.env} <= set(RESERVED_ENV), names - set(RESERVED_ENV)
+
+
+def test_prepare_is_an_indexed_job_of_independent_cpu_workers():
+    doc = load("pretrain", resources={"nodes": 2, "gpusPerNode": 8})
+    doc["spec"]["data"]["workers"] = 3
+    _, _, _, job = render(doc, stage="prepare")
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    assert "backoffLimit" not in spec and spec["backoffLimitPerIndex"] == 3 and spec["maxFailedIndexes"] == 0
+    fail_job, ignore = spec["podFailurePolicy"]["rules"]
+    assert fail_job["action"] == "FailJob" and fail_job["onExitCodes"]["values"] == [65, 78]
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert "nvidia.com/gpu" not in container(job)["resources"]["limits"]
+    env = env_of(job)
+    assert env["NNODES"]["value"] == "3" and env["NPROC_PER_NODE"]["value"] == "1" and env["DHAD_STAGE"]["value"] == "prepare"
+    _, _, _, train = render(doc, stage="pretrain")  # training stays a gang of resources.nodes
+    assert train["spec"]["backoffLimit"] == 0 and train["spec"]["completions"] == 2
+    assert "backoffLimitPerIndex" not in train["spec"] and container(train)["resources"]["limits"]["nvidia.com/gpu"] == "8"

@@ -1,4 +1,4 @@
-"""Document quality filters: UTF-8 validity, length, Arabic-script share and repetition.
+"""Document quality filters: UTF-8 validity, length, Arabic-script share, language and repetition.
 
 Each check returns the drop reason (a `DropReason` value, also the key in stats.json) or None, so the
 pipeline can count exactly why every document went.
@@ -23,6 +23,7 @@ class DropReason(StrEnum):
     TOO_SHORT = "too_short"
     TOO_LONG = "too_long"
     LOW_ARABIC_RATIO = "low_arabic_ratio"
+    LANGUAGE = "language"
     REPETITIVE = "repetitive"
     EXACT_DUPLICATE = "exact_duplicate"
     NEAR_DUPLICATE = "near_duplicate"
@@ -83,8 +84,12 @@ def repetition_ratio(text: str, n: int = 5) -> float:
     return max(duplicate_line_ratio(text), repeated_ngram_ratio(text.split(), n))
 
 
-def check(text: str, spec: FilterSpec) -> DropReason | None:
-    """First failing filter for an already-normalized text, cheapest first; None keeps it."""
+def check(text: str, spec: FilterSpec, language: tuple[str, float] | None = None) -> DropReason | None:
+    """First failing filter for an already-normalized text, cheapest first; None keeps it.
+
+    `language` is the text's (code, probability) when already identified; otherwise it is identified
+    here when `spec.languages` asks for it.
+    """
     n = len(text)
     if n == 0 or n < spec.min_chars:
         return DropReason.TOO_SHORT
@@ -92,6 +97,14 @@ def check(text: str, spec: FilterSpec) -> DropReason | None:
         return DropReason.TOO_LONG
     if spec.min_arabic_ratio > 0 and arabic_ratio(text) < spec.min_arabic_ratio:
         return DropReason.LOW_ARABIC_RATIO
+    if spec.languages:
+        if language is None:
+            from dhad_trainer.data.language import identify
+
+            language = identify(text)
+        code, confidence = language
+        if code not in spec.languages or confidence < spec.min_language_confidence:
+            return DropReason.LANGUAGE
     if spec.max_repetition_ratio < 1 and repetition_ratio(text, spec.repetition_ngram_words) > (
         spec.max_repetition_ratio
     ):

@@ -68,6 +68,10 @@ class Packer:
         """Tokens waiting in the unfinished block (dropped if the input ends now)."""
         return len(self._ids)
 
+    def tail(self) -> tuple[list[int], list[int]]:
+        """The unfinished block's ids and positions (the prepare merge packs the tails of all pieces)."""
+        return list(self._ids), list(self._pos)
+
     def finish(self) -> int:
         """End of input: drops the unfinished block and returns how many tokens it held."""
         dropped = len(self._ids)

@@ -2,7 +2,8 @@
 detection, generation and log-likelihood scoring, and reports.
 
 Torch is only imported by `runner` (HFModelRunner), so loading, parsing and metrics stay light.
-May import data/ and storage/; never stages/, runtime/ or local/ (judges come in as a `Judge`).
+May import data/, storage/ and llm/ (the endpoint client, for the scoring judge); never stages/, runtime/
+or local/ (RLAIF's judges come in as a `Judge`).
 """
 
 from dhad_trainer.evaluation.duplicates import DuplicateReport, find_duplicates
@@ -14,6 +15,8 @@ from dhad_trainer.evaluation.scoring import (
     GENERATE,
     JUDGED,
     LOGLIKELIHOOD,
+    PAIRWISE,
+    SCORES,
     Judge,
     ModelRunner,
     SuiteResult,
@@ -24,6 +27,8 @@ __all__ = [
     "GENERATE",
     "JUDGED",
     "LOGLIKELIHOOD",
+    "PAIRWISE",
+    "SCORES",
     "SUITES",
     "DuplicateReport",
     "EvalItem",

@@ -2,7 +2,8 @@
 copies on the Hugging Face hub.
 
 All three produce the same `EvalItem`s so scoring never knows where data came from. Order is the
-files' own order (MMLU subjects sorted by name), so `limit` is deterministic.
+files' own order (MMLU subjects sorted by name). `limit` draws a seeded sample (see `apply_limit`),
+always returned in file order, so a limited run covers every subject and is the same for a seed.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
-from collections import Counter
-from collections.abc import Iterable, Mapping
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, Protocol
@@ -157,22 +160,77 @@ def _open(files: _Files, suite: str) -> Iterable[EvalItem]:
         yield EvalItem(suite, str(r["id"]), r["query"].strip(), None, None, r.get("label"))
 
 
+LimitPer = Literal["subject", "total"]
+
+
+def _stratum_rng(seed: int, key: str | None) -> random.Random:
+    """One generator per (seed, subject): a subject's draw does not depend on the other subjects."""
+    return random.Random(f"{seed}/{key}")
+
+
+def proportional_quotas(sizes: dict[str | None, int], limit: int, seed: int = 0) -> dict[str | None, int]:
+    """`limit` split over strata in proportion to their sizes (largest remainder, Hamilton's method):
+    each stratum gets floor(limit * n / N), and the items left over go to the largest fractional
+    parts, ties broken by a seeded shuffle. The quotas sum to min(limit, N)."""
+    total = sum(sizes.values())
+    if limit >= total:
+        return dict(sizes)
+    exact = {k: limit * n / total for k, n in sizes.items()}
+    quotas = {k: math.floor(v) for k, v in exact.items()}
+    order = sorted(sizes, key=str)
+    random.Random(f"{seed}/quotas").shuffle(order)
+    order.sort(key=lambda k: exact[k] - quotas[k], reverse=True)  # stable: the shuffle breaks ties
+    for k in order[: limit - sum(quotas.values())]:
+        quotas[k] += 1
+    return quotas
+
+
 def apply_limit(
-    items: Iterable[EvalItem], limit: int | None, per: Literal["subject", "total"]
+    items: Iterable[EvalItem], limit: int | None, per: LimitPer = "total", seed: int = 0
 ) -> list[EvalItem]:
-    """First `limit` items per subject (topic, label) or overall, in file order."""
+    """A seeded sample, stratified by subject (MMLU, EXAMS), topic (ACVA) or label (open-ended sets).
+
+    per="total": `limit` items in all, each subject's share proportional to its size
+    (`proportional_quotas`), so a limited MMLU run still averages four real category means.
+    per="subject": `limit` items from every subject (all of a smaller one), for equal counts.
+    Within a subject the items are drawn uniformly without replacement with a generator seeded by
+    (seed, subject). The sample keeps the files' order.
+    """
     items = list(items)
     if limit is None:
         return items
+    by_subject: dict[str | None, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        by_subject[it.subject].append(i)
     if per == "total":
-        return items[:limit]
-    seen: Counter[str | None] = Counter()
-    kept = []
-    for it in items:
-        seen[it.subject] += 1
-        if seen[it.subject] <= limit:
-            kept.append(it)
-    return kept
+        quotas = proportional_quotas({k: len(v) for k, v in by_subject.items()}, limit, seed)
+    else:
+        quotas = {k: min(limit, len(v)) for k, v in by_subject.items()}
+    keep: set[int] = set()
+    for key, idx in by_subject.items():
+        keep.update(_stratum_rng(seed, key).sample(idx, quotas[key]))
+    return [it for i, it in enumerate(items) if i in keep]
+
+
+def sample_summary(
+    population: Sequence[EvalItem], sample: Sequence[EvalItem], limit: int | None, per: LimitPer, seed: int
+) -> dict:
+    """What the report records about a sample: the rule, the seed, counts per subject and the ids used."""
+    pop, got = Counter(i.subject for i in population), Counter(i.subject for i in sample)
+    return {
+        "rule": "all items" if limit is None else (
+            f"{limit} items, stratified by subject/topic, proportional to size (largest remainder), seeded"
+            if per == "total" else f"{limit} items per subject/topic, seeded"
+        ),
+        "limit": limit,
+        "limit_per": per,
+        "seed": seed,
+        "population": len(population),
+        "drawn": len(sample),
+        "subjects_covered": f"{len(got)}/{len(pop)}",
+        "per_subject": {str(k): [got.get(k, 0), n] for k, n in sorted(pop.items(), key=lambda kv: str(kv[0]))},
+        "ids": [i.id for i in sample],
+    }
 
 
 def load_suite(
@@ -181,12 +239,14 @@ def load_suite(
     split: Split = "test",
     *,
     limit: int | None = None,
-    limit_per: Literal["subject", "total"] = "subject",
+    limit_per: LimitPer = "total",
+    seed: int = 0,
     store: ObjectStore | None = None,
 ) -> list[EvalItem]:
     """Load one suite. `source` is a local folder laid out like shared/benchmarks/acegpt, an
     `s3://bucket/prefix` with the same layout (needs `store`), or `hf://[org/name]` for the community
-    copies. The open-ended sets have a single file, loaded for either split."""
+    copies. The open-ended sets have a single file, loaded for either split. `limit` draws a seeded
+    stratified sample (`apply_limit`)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; expected one of {SUITES}")
     src = str(source)
@@ -204,7 +264,7 @@ def load_suite(
             items = _acva(files, split)
         else:
             items = _open(files, suite)
-    return apply_limit(items, limit, limit_per)
+    return apply_limit(items, limit, limit_per, seed)
 
 
 # --- Hugging Face hub copies (community mirrors used by lighteval / the Open Arabic LLM Leaderboard) ---

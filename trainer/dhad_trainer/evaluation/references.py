@@ -61,18 +61,21 @@ def write_references(
     *,
     suites: Sequence[str] = OPEN_SUITES,
     limit: int | None = None,
+    seed: int = 0,
     max_new_tokens: int = 512,
     model: str = "reference",
     store: ObjectStore | None = None,
 ) -> dict[str, Path]:
-    """Answer the first `limit` questions of each open-ended suite with `runner`, in the format above."""
+    """Answer each open-ended suite with `runner`, in the format above; with `limit`, the same seeded
+    sample an evaluation with that `limit` and `seed` draws (limitPer total), so every item it judges
+    has a reference answer."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for suite in suites:
         if suite not in OPEN_SUITES:
             raise ValueError(f"{suite} is not open-ended; reference answers are for {OPEN_SUITES}")
-        items = load_suite(suite, source, limit=limit, limit_per="total", store=store)
+        items = load_suite(suite, source, limit=limit, limit_per="total", seed=seed, store=store)
         answers = runner.generate([build_prompt(it) for it in items], max_new_tokens)
         path = out / reference_file(suite)
         with path.open("w", encoding="utf-8") as fh:

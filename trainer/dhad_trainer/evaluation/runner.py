@@ -1,9 +1,16 @@
-"""`ModelRunner` on a transformers causal LM: batched greedy generation and batched log-likelihood.
+"""`ModelRunner`s: a transformers causal LM (batched generation and log-likelihood), and vLLM for
+generation on GPUs when it is installed and the spec asks for it.
 
-Log-likelihood is what makes the `loglikelihood` method cheap: one forward pass scores every choice,
-where generation needs one pass per new token, and one-token choices sharing a context share one row.
-Rows are left-padded with explicit position ids, so all continuations end at the last position and
-only those logits are computed (`logits_to_keep`); rows are sorted by length so a batch pads little.
+Log-likelihood is what makes the `loglikelihood` method cheap, and three things keep it so:
+- one row per shared context: requests whose token ids agree up to their last token share one row,
+  and each reads its last token's log-probability off the row's final position (the four letters of a
+  question are one row even when " A" is two tokens, since " " then "A".."D" differ only at the end);
+- a shared prefix computed once: rows that begin with the same long run of tokens (a subject's
+  few-shot examples) are grouped; the prefix goes through the model once per group, its KV cache is
+  copied to each batch of the group's rows, and only the rows' own tokens are run on top of it;
+- rows are left-padded with explicit position ids, so every continuation ends at the last position
+  and only those logits are computed (`logits_to_keep`); rows are sorted by length so a batch pads
+  little.
 Context and context+continuation are tokenized separately and the continuation is whatever follows
 their longest common token prefix, so a BPE merge across the boundary (the context's last characters
 joined to the continuation's first) is scored as part of the continuation instead of being lost or
@@ -12,89 +19,75 @@ double counted.
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
 
-class HFModelRunner:
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        *,
-        batch_size: int = 16,
-        max_length: int | None = None,
-        chat_template: bool = False,
-    ) -> None:
-        self.model, self.tok = model.eval(), tokenizer
-        self.batch_size = batch_size
-        self.max_length = max_length or int(getattr(model.config, "max_position_embeddings", 4096))
-        self.chat_template = chat_template
-        if self.tok.pad_token_id is None:
-            self.tok.pad_token = self.tok.eos_token  # generation needs some pad id; masked out anyway
+Prompt = str | list[dict[str, str]]  # plain text, or chat messages rendered with the tokenizer's template
+MIN_SHARED_PREFIX = 32  # tokens; below this a prefix pass costs more than it saves
+WINDOW_CHARS = 64  # characters of context tokenized with each continuation (see _pairs)
+SYNC_TOKENS = 8
 
-    @classmethod
-    def from_pretrained(
-        cls, path: str, *, dtype: str = "auto", device: str | None = None, **kw: Any
-    ) -> HFModelRunner:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to oddly
-        return cls(model, AutoTokenizer.from_pretrained(path), **kw)
+@dataclass
+class _Row:
+    ids: list[int]
+    asks: list[tuple[int, int, int]] = field(default_factory=list)  # (request, last token, tokens inside)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def keep(self) -> int:
+        """Positions whose logits are needed: the final one, plus one per continuation token in the row."""
+        return max(n for _, _, n in self.asks) + 1
 
-    def _wrap(self, prompt: str) -> str:
+
+class TokenizedPrompts:
+    """How prompts become token ids, shared by the transformers and vLLM runners so both score the
+    same tokens: chat templates, special tokens, truncation, and the context/continuation split."""
+
+    def __init__(self, tokenizer: Any, *, chat_template: bool, max_length: int) -> None:
+        self.tok, self.chat_template, self.max_length = tokenizer, chat_template, max_length
+        self.whole_encodes = 0  # continuations tokenized with their whole context (see _pairs)
+
+    def _wrap(self, prompt: Prompt) -> str:
+        if isinstance(prompt, list):  # chat messages: the template when there is one
+            if self.tok.chat_template:
+                return self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return "\n\n".join(m["content"] for m in prompt) + "\n\n"
         if not self.chat_template:
             return prompt
         return self.tok.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
 
+    def _special(self, prompt: Prompt) -> bool:
+        """Whether the tokenizer adds its special tokens: not to text a chat template rendered."""
+        templated = isinstance(prompt, list) and bool(self.tok.chat_template)
+        return not (self.chat_template or templated)
+
     def _encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=not self.chat_template)["input_ids"])
 
-    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def _encode_batch(self, texts: list[str], special: bool | None = None) -> list[list[int]]:
         if not texts:
             return []
-        return [list(x) for x in self.tok(texts, add_special_tokens=not self.chat_template)["input_ids"]]
+        add = (not self.chat_template) if special is None else special
+        return [list(x) for x in self.tok(texts, add_special_tokens=add)["input_ids"]]
 
-    def _left_pad(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
-
-    @torch.inference_mode()
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy continuations (new text only), in the order of `prompts`."""
-        budget = max(self.max_length - max_new_tokens, 1)
-        encoded = [ids[-budget:] for ids in self._encode_batch([self._wrap(p) for p in prompts])]
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-        out: list[str] = [""] * len(prompts)
-        for b in range(0, len(order), self.batch_size):
-            batch = order[b : b + self.batch_size]
-            ids, mask, _ = self._left_pad([encoded[i] for i in batch])
-            gen = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tok.pad_token_id,
-            )
-            texts = self.tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
-            for i, text in zip(batch, texts, strict=True):
-                out[i] = text
+    def _prompt_ids(self, prompts: Sequence[Prompt], budget: int) -> list[list[int]]:
+        """Token ids of each prompt, keeping its last `budget` tokens."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for special in (True, False):  # plain and templated prompts tokenize differently
+            picked = [i for i, p in enumerate(prompts) if self._special(p) == special]
+            for i, ids in zip(picked, self._encode_batch([self._wrap(prompts[i]) for i in picked], special),
+                              strict=True):
+                out[i] = ids[-budget:]
         return out
 
     def _split(self, context: str, continuation: str) -> tuple[list[int], int]:
@@ -117,37 +110,264 @@ class HFModelRunner:
             full, common = full[cut:], common - cut
         return full, common
 
+
+class HFModelRunner(TokenizedPrompts):
+    backend = "transformers"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        chat_template: bool = False,
+        prefix_cache: bool = True,
+    ) -> None:
+        length = max_length or int(getattr(model.config, "max_position_embeddings", 4096))
+        super().__init__(tokenizer, chat_template=chat_template, max_length=length)
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self.prefix_cache = prefix_cache and _full_attention_only(model)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token  # generation needs some pad id; masked out anyway
+        self.stats = {"forwards": 0, "prefix_tokens": 0, "row_tokens": 0}
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, *, dtype: str = "auto", device: str | None = None, **kw: Any
+    ) -> HFModelRunner:
+        """On `device` (default: cuda when there is one) in `dtype` ("auto" keeps the checkpoint's dtype;
+        on a CPU "auto" loads float32, which is what the CPU computes fast)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype: Any = dtype if dtype != "auto" else (torch.float32 if device == "cpu" else "auto")
+        if isinstance(torch_dtype, str) and torch_dtype != "auto":
+            torch_dtype = getattr(torch, torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to oddly
+        return cls(model, AutoTokenizer.from_pretrained(path), **kw)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _left_pad(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: Sequence[Prompt], max_new_tokens: int, *, temperature: float = 0.0, seed: int | None = None
+    ) -> list[str]:
+        """Continuations (new text only), in the order of `prompts`: greedy, or sampled at `temperature`
+        with a seeded generator. A prompt is text or chat messages."""
+        ids_of = self._prompt_ids(prompts, max(self.max_length - max_new_tokens, 1))
+        order = sorted(range(len(prompts)), key=lambda i: -len(ids_of[i]))
+        out: list[str] = [""] * len(prompts)
+        sampling: dict[str, Any] = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            torch.manual_seed(0 if seed is None else seed)
+        for b in range(0, len(order), self.batch_size):
+            batch = order[b : b + self.batch_size]
+            ids, mask, _ = self._left_pad([ids_of[i] for i in batch])
+            gen = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tok.pad_token_id,
+                **sampling,
+            )
+            texts = self.tok.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+            for i, text in zip(batch, texts, strict=True):
+                out[i] = text
+        return out
+
+    def _pairs(self, requests: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+        """(context+continuation ids, where the continuation starts) per request, as `_split` gives them,
+        tokenizing each distinct context once and each continuation only with the context's last
+        WINDOW_CHARS characters. A merge across the boundary reaches a few characters back, so past its
+        first tokens the window tokenizes as the context does; that is checked per context (at least
+        SYNC_TOKENS agreeing tokens, and the continuation changing nothing before them), and a context
+        where it fails is encoded whole with each continuation."""
+        wrapped = [self._wrap(c) for c, _ in requests]
+        contexts = list(dict.fromkeys(wrapped))
+        ctx_ids = dict(zip(contexts, self._encode_batch(contexts), strict=True))
+        windows = {c: c[-WINDOW_CHARS:] for c in contexts}
+        win_ids = dict(zip(contexts, self._encode_batch([windows[c] for c in contexts], special=False), strict=True))
+        tails = self._encode_batch([windows[w] + cont for w, (_, cont) in zip(wrapped, requests, strict=True)],
+                                   special=False)
+        out: list[tuple[list[int], int]] = []
+        for w, (_, cont), tail in zip(wrapped, requests, tails, strict=True):
+            ctx, win = ctx_ids[w], win_ids[w]
+            synced = len(win) - 2  # the window's first tokens may differ (a cut word, a dummy prefix)
+            common = _common_prefix(win, tail, len(win))
+            if len(w) > WINDOW_CHARS and synced >= SYNC_TOKENS and ctx[-synced:] == win[-synced:] \
+                    and common >= len(win) - synced:
+                full = ctx[: len(ctx) - (len(win) - common)] + tail[common:]
+            else:
+                full = self._encode(w + cont)
+                self.whole_encodes += 1
+            out.append(self._align(ctx, full))
+        return out
+
+    def _rows(self, requests: list[tuple[str, str]]) -> list[_Row]:
+        """One row per distinct "everything but the last token"; see the module docstring."""
+        rows: dict[tuple[int, ...], _Row] = {}
+        for i, (full, start) in enumerate(self._pairs(requests)):
+            key = tuple(full[:-1])
+            rows.setdefault(key, _Row(list(key))).asks.append((i, full[-1], len(full) - 1 - start))
+        return list(rows.values())
+
+    def _groups(self, rows: list[_Row]) -> list[tuple[int, list[_Row]]]:
+        """(shared prefix length, rows): rows sorted by token ids, a group grown while the prefix its rows
+        share stays at least MIN_SHARED_PREFIX long. A prefix never covers a position whose logits one
+        of its rows needs; a group of one row (prefix 0) is run whole."""
+        groups: list[tuple[int, list[_Row]]] = []
+        for row in sorted(rows, key=lambda r: r.ids):
+            if groups and self.prefix_cache:
+                shared, members = groups[-1]
+                common = min(_common_prefix(members[0].ids, row.ids, shared), len(row.ids) - row.keep)
+                if common >= MIN_SHARED_PREFIX:
+                    groups[-1] = (common, [*members, row])
+                    continue
+            groups.append((len(row.ids) - row.keep, [row]))
+        return [(shared if len(members) > 1 else 0, members) for shared, members in groups]
+
+    def _forward(self, ids, mask, pos, keep: int, cache=None):
+        self.stats["forwards"] += 1
+        kw = {self._cache_kw: cache} if cache is not None else {}
+        return self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=cache is not None, **kw
+        ).logits
+
+    def _read(self, logits: torch.Tensor, ids: torch.Tensor, rows: Sequence[_Row], out: list[float]) -> None:
+        """Each request's log-probability from its row's last `keep` positions."""
+        for r, row in enumerate(rows):
+            lp = torch.log_softmax(logits[r].float(), -1)  # (keep, vocab), the last one predicts the end
+            for i, last, n in row.asks:
+                total = float(lp[-1, last])
+                if n:  # position t predicts token t + 1: the row's last n tokens are continuation
+                    total += float(lp[-(n + 1) : -1].gather(-1, ids[r, -n:].unsqueeze(-1)).sum())
+                out[i] = total
+
     @torch.inference_mode()
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[float]:
         """Sum of log P(continuation tokens | context) per (context, continuation) pair."""
-        # A row is token ids plus the requests it answers: (index, None) scores the row's own last n
-        # tokens; (index, token) reads a one-token continuation off the row's final position, so the
-        # choices of one question ("A".."D", "نعم"/"لا") share a single row of their common context.
-        rows: dict[tuple[int, ...], list[tuple[int, int | None, int]]] = {}
-        contexts = list(dict.fromkeys(self._wrap(c) for c, _ in requests))  # 4 choices share one context
-        encoded = dict(zip(contexts, self._encode_batch(contexts), strict=True))
-        fulls = self._encode_batch([self._wrap(c) + x for c, x in requests])
-        for i, (ctx, _) in enumerate(requests):
-            full, start = self._align(encoded[self._wrap(ctx)], fulls[i])
-            if len(full) - start == 1:
-                rows.setdefault(tuple(full[:start]), []).append((i, full[start], 0))
-            else:
-                rows.setdefault((-1 - i, *full), []).append((i, None, len(full) - start))  # unique key
-        keys = sorted(rows, key=lambda k: -len(k))
+        from transformers import DynamicCache
+
         out = [0.0] * len(requests)
-        for b in range(0, len(keys), self.batch_size):
-            batch = keys[b : b + self.batch_size]
-            ids, mask, pos = self._left_pad([list(k[1:] if k and k[0] < 0 else k) for k in batch])
-            keep = max(n + 1 for k in batch for _, _, n in rows[k])
-            logits = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep
-            ).logits
-            for r, key in enumerate(batch):
-                last = torch.log_softmax(logits[r, -1].float(), -1)
-                for i, token, n in rows[key]:
-                    if token is not None:
-                        out[i] = float(last[token])
-                    else:  # position t predicts token t + 1
-                        lp = torch.log_softmax(logits[r, -(n + 1) : -1].float(), -1)
-                        out[i] = float(lp.gather(-1, ids[r, -n:].unsqueeze(-1)).sum())
+        groups = self._groups(self._rows(requests))
+        plain = sorted((r for p, m in groups if p == 0 for r in m), key=lambda r: -len(r.ids))
+        for b in range(0, len(plain), self.batch_size):
+            batch = plain[b : b + self.batch_size]
+            ids, mask, pos = self._left_pad([r.ids for r in batch])
+            self.stats["row_tokens"] += int(mask.sum())
+            self._read(self._forward(ids, mask, pos, max(r.keep for r in batch)), ids, batch, out)
+        shared = sorted(((p, m) for p, m in groups if p > 0), key=lambda g: -g[0])
+        for g in range(0, len(shared), self.batch_size):  # prefixes of several groups in one pass
+            chunk = shared[g : g + self.batch_size]
+            p_ids, p_mask, p_pos = self._left_pad([m[0].ids[:p] for p, m in chunk])
+            self.stats["prefix_tokens"] += int(p_mask.sum())
+            self.stats["forwards"] += 1
+            prefix = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
+                                logits_to_keep=1)
+            cache = getattr(prefix, "cache", None) or prefix.past_key_values
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            lengths = p_mask.sum(-1)
+            members = sorted(((k, row) for k, (_, m) in enumerate(chunk) for row in m),
+                             key=lambda kr: -(len(kr[1].ids) - chunk[kr[0]][0]))
+            for b in range(0, len(members), self.batch_size):
+                batch = members[b : b + self.batch_size]
+                which = torch.tensor([k for k, _ in batch], device=self.device)
+                tails = [row.ids[chunk[k][0] :] for k, row in batch]
+                ids, mask, pos = self._left_pad(tails)
+                self.stats["row_tokens"] += int(mask.sum())
+                pos = pos + lengths[which].unsqueeze(-1)
+                full_mask = torch.cat([p_mask[which], mask], dim=-1)
+                batch_cache = DynamicCache(ddp_cache_data=[(k[which], v[which]) for k, v in layers])
+                logits = self._forward(ids, full_mask, pos, max(row.keep for _, row in batch), batch_cache)
+                self._read(logits, ids, [row for _, row in batch], out)
         return out
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _full_attention_only(model: Any) -> bool:
+    """Prefix caching copies plain KV tensors; models with sliding-window or other cache layers opt out."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "sliding_window", None):
+        return False
+    types = getattr(config, "layer_types", None)
+    return not types or all(t == "full_attention" for t in types)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+class VllmRunner(TokenizedPrompts):
+    """vLLM's offline engine on GPUs: greedy (or sampled) generation, and log-likelihood from
+    `prompt_logprobs` over our own token ids (the same alignment as HFModelRunner), so both runners
+    score the same tokens. vLLM's prefix caching reuses a subject's few-shot prefix by itself."""
+
+    backend = "vllm"
+
+    def __init__(self, path: str, *, dtype: str = "auto", chat_template: bool = False,
+                 max_length: int | None = None) -> None:
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.llm = LLM(model=str(path), dtype=dtype, enable_prefix_caching=True)
+        config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        tok = AutoTokenizer.from_pretrained(path)
+        length = max_length or int(getattr(config, "max_model_len", 0) or tok.model_max_length)
+        super().__init__(tok, chat_template=chat_template, max_length=length)
+
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, *, temperature: float = 0.0,
+                 seed: int | None = None) -> list[str]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        ids = self._prompt_ids(prompts, max(self.max_length - max_new_tokens, 1))
+        outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        return [o.outputs[0].text for o in outputs]
+
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[float]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        split = [self._split(ctx, cont) for ctx, cont in requests]
+        outputs = self.llm.generate([{"prompt_token_ids": f} for f, _ in split], params, use_tqdm=False)
+        out = []
+        for (full, start), o in zip(split, outputs, strict=True):
+            logprobs = o.prompt_logprobs  # per prompt token: {token id: Logprob}; None for the first
+            out.append(sum(logprobs[t][full[t]].logprob for t in range(start, len(full))))
+        return out
+
+    def close(self) -> None:
+        """Frees the GPU for the next model (vLLM holds its memory until the engine is gone)."""
+        import gc
+
+        del self.llm
+        gc.collect()
+        torch.cuda.empty_cache()

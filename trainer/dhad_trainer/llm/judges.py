@@ -175,7 +175,7 @@ class ModelJudge(_Judge):
     does not depend on the order the two are shown in, so position-bias control can keep the pair."""
 
     def __init__(self, model_dir: str | Path, *, constrained: bool = True, batch_size: int = 8,
-                 device: str = "cpu", **kw) -> None:
+                 device: str = "cpu", dtype: str = "auto", **kw) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -184,8 +184,9 @@ class ModelJudge(_Judge):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = torch.float32 if device == "cpu" else "auto"
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        auto = torch.float32 if device == "cpu" else "auto"  # dtype: the job's, e.g. bfloat16 on a GPU
+        weights = auto if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights).to(device).eval()
         config = (Path(model_dir) / "config.json").read_bytes()
         self.identity = "model:" + hashlib.sha256(config).hexdigest()[:16] + ":" + str(_weights_size(Path(model_dir)))
 

@@ -62,6 +62,14 @@ def seed(workdir: Path, store, benchmarks: Path) -> None:
     store.upload_dir(references, f"{BUCKET}/benchmarks/reference-answers")
 
 
+def scores_table(summary: Path) -> str:
+    """The report's first table: every suite and method, one column per model."""
+    lines = summary.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| suite |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end])
+
+
 def run_demo(workdir: Path) -> int:
     from dhad_trainer.local.run import Session, run_job
     from dhad_trainer.storage.embedded_s3 import EmbeddedS3
@@ -97,6 +105,8 @@ def run_demo(workdir: Path) -> int:
         store.download_dir(f"{statuses['eval']['outputRoot']}/eval/model/report", report_dir)
     summary = report_dir / "summary.md"
     note_benchmarks(summary, benchmarks_said)
+    print("\nScores, the aligned model beside its base (struck out: flagged, see the report):")
+    print(scores_table(summary))
     print(f"\nDone in {time.monotonic() - began:.0f} s.")
     print(f"Aligned model (Hugging Face format): {model_dir}")
     print(f"Evaluation report: {summary} (JSON and PNG charts beside it: {', '.join(sorted(p.name for p in report_dir.glob('*.png')))})")

@@ -2,7 +2,9 @@
 as the operator would on a cluster: one launcher process per node (JOB_COMPLETION_INDEX 0..N-1 on
 127.0.0.1), sub-stages in order, gang restarts that resume from the newest checkpoint, and fromJob
 resolved from jobs run earlier in the same session. Outputs go to the S3 API in the environment
-(the embedded server the CLI starts, or any other).
+(the embedded server the CLI starts, or any other); when a job ends its final model, report and
+TensorBoard events are downloaded to a local folder. Rank 0's log streams to the terminal under a
+progress bar (`quiet` silences both); `apply_overrides` is `--set path=value`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dhad_api.jobs import OUTPUT_STAGE, JobSpec, parse_spec, stage_pods, stages_for
-from dhad_api.layout import model_uri, output_root
+from dhad_api.layout import model_uri, output_root, tensorboard_uri
 from dhad_api.reasons import NO_RETRY, ExitCode
 from dhad_api.references import resolve_models
 from dhad_trainer.storage.embedded_s3 import free_port
@@ -35,7 +37,48 @@ class Session:
     env: dict[str, str]
     namespace: str = "local"
     succeeded: dict[tuple[str, str], dict] = field(default_factory=dict)
-    show_progress: bool = True
+    show_progress: bool = True  # False (-q): no progress bar and no streamed log
+
+
+def apply_overrides(doc: dict, overrides: list[str]) -> dict:
+    """`path=value` pairs (`--set`) applied to a manifest: the path is under spec unless it starts with
+    spec. or metadata., dots separate keys and list indexes, the value is YAML (5, true, {uri: s3://x},
+    [a, b]), and null removes the key. Schema errors are the spec parser's, after all overrides."""
+    import copy
+
+    import yaml
+
+    doc = copy.deepcopy(doc)
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        keys = [k for k in path.strip().split(".") if k]
+        if not sep or not keys:
+            raise LocalRunError(f"--set {item!r}: expected path=value, for example resources.nodes=1")
+        if keys[0] not in ("spec", "metadata"):
+            keys = ["spec", *keys]
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = doc
+        try:
+            for key in keys[:-1]:
+                node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+                if not isinstance(node, dict | list):
+                    raise LocalRunError(f"--set {path}: {key} is a {type(node).__name__}, not a mapping or list")
+            last = keys[-1]
+            if isinstance(node, list):
+                index = int(last)
+                if value is None:
+                    del node[index]
+                elif index == len(node):
+                    node.append(value)
+                else:
+                    node[index] = value
+            elif value is None:
+                node.pop(last, None)
+            else:
+                node[last] = value
+        except (ValueError, IndexError) as error:
+            raise LocalRunError(f"--set {path}: {error} (list items are addressed by index, for example data.0.uri)") from None
+    return doc
 
 
 def job_document(doc: dict, spec: JobSpec, session: Session) -> dict:
@@ -52,31 +95,45 @@ def job_document(doc: dict, spec: JobSpec, session: Session) -> dict:
             "spec": spec.to_json_dict(), "resolved": resolved}
 
 
-def _watch(progress_file: Path, procs: list[subprocess.Popen], stage: str, show: bool) -> None:
-    """A progress line from rank 0's reports while the launchers run."""
+def _watch(progress_file: Path, log_file: Path, procs: list[subprocess.Popen], stage: str, show: bool) -> None:
+    """While the launchers run: rank 0's log on the terminal, under a bar fed by its progress reports."""
     bar = None
     if show:
         from tqdm import tqdm
 
         bar = tqdm(desc=stage, unit="step", dynamic_ncols=True, leave=True)
-    seen = 0
+    seen, offset = 0, 0
+
+    def follow() -> None:
+        nonlocal seen, offset
+        if log_file.exists():
+            with open(log_file, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            complete = chunk.rfind(b"\n") + 1  # a line still being written waits for the next turn
+            offset += complete
+            for line in chunk[:complete].decode("utf-8", errors="replace").splitlines():
+                bar.write(line)
+        if progress_file.exists():
+            lines = progress_file.read_text(encoding="utf-8").splitlines()
+            for line in lines[seen:]:
+                try:
+                    report = json.loads(line)
+                except ValueError:
+                    continue
+                if report.get("totalSteps"):
+                    bar.total = report["totalSteps"]
+                bar.n = report.get("step", bar.n)
+                bar.set_postfix({k: round(report[k], 4) for k in ("loss", "tokensPerSecond") if report.get(k) is not None})
+                bar.refresh()
+            seen = len(lines)
+
     while any(p.poll() is None for p in procs):
         time.sleep(0.5)
-        if bar is None or not progress_file.exists():
-            continue
-        lines = progress_file.read_text(encoding="utf-8").splitlines()
-        for line in lines[seen:]:
-            try:
-                report = json.loads(line)
-            except ValueError:
-                continue
-            if report.get("totalSteps"):
-                bar.total = report["totalSteps"]
-            bar.n = report.get("step", bar.n)
-            bar.set_postfix({k: round(report[k], 4) for k in ("loss", "tokensPerSecond") if report.get(k) is not None})
-            bar.refresh()
-        seen = len(lines)
+        if bar is not None:
+            follow()
     if bar is not None:
+        follow()
         bar.close()
 
 
@@ -98,7 +155,7 @@ def run_stage(job_file: Path, spec: JobSpec, stage: str, attempt: int, session: 
         procs.append(subprocess.Popen([sys.executable, "-m", "dhad_trainer", "launch", str(job_file)],
                                       env=env, stdout=log, stderr=subprocess.STDOUT))
         log.close()
-    _watch(progress_file, procs, stage, session.show_progress)
+    _watch(progress_file, logs / f"{stage}-{attempt}-0.log", procs, stage, session.show_progress)
     codes = [p.wait() for p in procs]
     return next((c for c in codes if c != 0), 0)
 
@@ -142,3 +199,23 @@ def run_job(doc: dict, session: Session) -> dict:
         status["outputModel"] = model_uri(root, OUTPUT_STAGE[last])
     session.succeeded[(doc["kind"], name)] = status
     return status
+
+
+def download_outputs(status: dict, kind: str, dest: Path) -> dict[str, str]:
+    """The job's final model (or an EvalJob's report and card) and its TensorBoard events, into `dest`."""
+    from dhad_trainer.storage.routing import open_store
+
+    root = status["outputRoot"]
+    store = open_store(root)
+    wanted = {"tensorboard": tensorboard_uri(root)}
+    if status.get("outputModel"):
+        wanted["model"] = status["outputModel"]
+    if kind == "EvalJob":
+        wanted["."] = model_uri(root, "eval")  # report/ and the evaluated model's card (README.md)
+    written: dict[str, str] = {}
+    for name, uri in wanted.items():
+        target = dest / name
+        if store.download_dir(uri, target):
+            written[name] = str(target.resolve())
+    (dest / "status.json").write_text(json.dumps(status, indent=2, ensure_ascii=False), encoding="utf-8")
+    return written

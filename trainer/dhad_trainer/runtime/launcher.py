@@ -12,6 +12,7 @@ preemption, suspend) is forwarded; workers save a checkpoint if they can and the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -115,6 +116,16 @@ def validate(job: Job, stage: str) -> None:
         target = open_store(spec.checkpoint.resume_from, spec.storage)
         if not target.exists(f"{spec.checkpoint.resume_from.rstrip('/')}/{MANIFEST}"):
             raise ConfigError(f"checkpoint.resumeFrom: {spec.checkpoint.resume_from} is not a complete checkpoint (no {MANIFEST})")
+    if spec.output.hub:
+        from dhad_trainer.storage.hub import HubError, check_token
+
+        try:
+            check_token(spec.output.hub)
+        except HubError as error:
+            raise ConfigError(str(error)) from None
+    for name in spec.tracking.integrations():
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"tracking.{name}: the {name} package is not installed in this trainer image")
     data = RoutingStore(spec.storage)
     for uri in [u for s in (stages if first else [stage]) for u in data_uris(spec, s)]:
         paths = resolve(uri, data)
@@ -177,6 +188,31 @@ def worker_reason(run_dir: Path) -> tuple[Reason, str]:
     return Reason(first["reason"]), first["message"]
 
 
+def run_in_process(job: Job, stage: str) -> int:
+    """A sub-stage whose pods work alone (prepare): no torchrun, no process group; this pod is worker
+    JOB_COMPLETION_INDEX of the stage's pods, and its failure is retried alone."""
+    from dhad_trainer.runtime.progress import ProgressReporter, sink_from_env
+    from dhad_trainer.stages.prepare import run_pod
+
+    index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    pods = stage_pods(job.kind, job.typed_spec(), stage).pods
+    reporter = ProgressReporter(sink_from_env(), stage) if index == 0 else None
+    work_dir = Path(os.environ.get("DHAD_WORK_DIR", "/tmp/dhad")) / stage
+    try:
+        run_pod(job, output_root(job), index, pods, work_dir, reporter)
+    except Exception as error:  # noqa: BLE001 - classified, reported, exited
+        reason = failure_reason(error)
+        log.exception("%s: %s", reason.value, error)
+        write_termination(reason, f"{stage} worker {index}: {error}")
+        if reporter:
+            reporter.close(final=True, failed=reason.value)
+        return CODES[reason]
+    if reporter:
+        reporter.close(final=True)
+    write_termination(Reason.STAGE_SUCCEEDED, f"stage {stage} worker {index} finished")
+    return ExitCode.SUCCESS
+
+
 def launch(job_file: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher: %(message)s")
     try:
@@ -188,6 +224,8 @@ def launch(job_file: str) -> int:
         log.error("%s: %s", reason.value, error)
         write_termination(reason, str(error))
         return CODES[reason]
+    if not stage_pods(job.kind, job.typed_spec(), stage).gang:
+        return run_in_process(job, stage)
     cmd, nproc = torchrun_command(job, job_file, stage)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // nproc)))

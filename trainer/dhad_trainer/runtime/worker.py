@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from dhad_api.jobs import JobSpec, stages_for
+from dhad_api.jobs import OUTPUT_STAGE, JobSpec, stages_for
 from dhad_api.layout import MANIFEST, checkpoints_uri, model_uri, stage_uri
 from dhad_api.reasons import Reason
 from dhad_trainer.runtime.launcher import ConfigError, failure_reason, load_job, output_root
@@ -115,6 +115,7 @@ def node_local_model(uri: str, dest: Path, spec: JobSpec, cluster) -> Path:
     return path or resolve()
 
 
+CARDED = {"pretrain", "sft", "reward", "policy", "eval"}  # stages whose output gets a model card (not data)
 RESUMABLE_OUTPUT = {"respond"}  # stages that append to output_dir as results arrive
 
 
@@ -126,6 +127,8 @@ def stage_inputs(job, spec: JobSpec, stage: str, root: str) -> dict[str, str]:
         inputs["tokenizer"] = spec.model.tokenizer
     if stage in ("feedback", "eval") and resolved.judge_model_uri:
         inputs["judge"] = resolved.judge_model_uri
+    if stage == "eval":  # evaluation.compare: more models scored beside the job's own
+        inputs.update({f"compare-{name}": uri for name, uri in resolved.compare_model_uris.items()})
     if stage == "respond" and resolved.teacher_model_uri:
         inputs["teacher"] = resolved.teacher_model_uri
     if stage in ("reward", "policy"):
@@ -138,7 +141,7 @@ def stage_inputs(job, spec: JobSpec, stage: str, root: str) -> dict[str, str]:
 
 
 def work(job_file: str) -> dict:
-    from dhad_trainer.runtime import distributed, fsdp_config
+    from dhad_trainer.runtime import distributed, fsdp_config, tracking
     from dhad_trainer.runtime.callbacks import (
         CheckpointCallback,
         PreemptionCallback,
@@ -171,6 +174,8 @@ def work(job_file: str) -> dict:
     store = open_store(root, spec.storage)
     work_dir = Path(os.environ.get("DHAD_WORK_DIR", "/tmp/dhad")) / stage
     work_dir.mkdir(parents=True, exist_ok=True)
+    logdir = tracking.configure(spec, name=job.metadata.name or "local", namespace=job.metadata.namespace,
+                                stage=stage, work_dir=work_dir)
     model_ref = job.resolved.model_uri or spec.model.uri
     model_dir = node_local_model(model_ref, work_dir / "base-model", spec, cluster)
     inputs = {name: node_local_model(uri, work_dir / "inputs" / name, spec, cluster)
@@ -198,6 +203,9 @@ def work(job_file: str) -> dict:
     checkpoint_cb = CheckpointCallback(publisher, cluster)
     preemption = PreemptionCallback()
     callbacks = [checkpoint_cb, ProgressCallback(reporter, cluster), preemption]
+    tensorboard = tracking.tensorboard_sync(store, root, stage, logdir) if cluster.is_main else None
+    if tensorboard:
+        callbacks.append(tensorboard)
     if TestHooks.wanted():
         callbacks.append(TestHooks(checkpoint_cb, cluster))
     if os.environ.get(WeightsDigest.ENV):
@@ -206,6 +214,7 @@ def work(job_file: str) -> dict:
         spec=spec, stage=stage, model_dir=model_dir, work_dir=work_dir, output_dir=work_dir / "output", inputs=inputs,
         data_store=RoutingStore(spec.storage), resume_from=resume_dir, callbacks=callbacks, deepspeed=ds_config, fsdp=fsdp,
         rank=cluster.rank, world_size=cluster.world_size, local_rank=cluster.local_rank, use_cpu=cluster.use_cpu,
+        root=root,
     )
     run.output_dir.mkdir(parents=True, exist_ok=True)
     partial = f"{stage_uri(root, stage)}/partial"
@@ -216,6 +225,8 @@ def work(job_file: str) -> dict:
     except BaseException:
         if stage in RESUMABLE_OUTPUT and cluster.is_main:
             store.upload_dir(run.output_dir, partial)
+        if tensorboard:
+            tensorboard.finish()  # the curves up to the failure are what explains it
         raise
     checkpoint_cb.wait()
     if preemption.triggered:
@@ -224,16 +235,28 @@ def work(job_file: str) -> dict:
 
     metrics = dict(result.metrics)
     input_hashes = metrics.pop("input_sha256", {})
+    if tensorboard:
+        tracking.log_scalars(metrics, int(metrics.get("steps") or 0), f"{stage}/final")
+        tensorboard.finish()
     out_uri = None
     if result.model_dir is None and any(run.output_dir.iterdir()):
         result.model_dir = run.output_dir  # a stage whose output is data or a report, not a model
     if cluster.is_main and result.model_dir is not None:
         input_hashes = {"model": models.tree_hash(model_dir), **input_hashes}
-        models.write_model_card(result.model_dir, kind=job.kind.value, stage=stage, spec=job.spec,
-                                 inputs=input_hashes, metrics=metrics, base_model=model_ref)
         out_uri = model_uri(root, stage)
+        if stage in CARDED:
+            models.write_model_card(result.model_dir, kind=job.kind.value, stage=stage, spec=spec, spec_dict=job.spec,
+                                     inputs=input_hashes, base_uri=model_ref, base_dir=model_dir, output_uri=out_uri,
+                                     job=f"{job.metadata.namespace}/{job.metadata.name}", scores=metrics.get("scores"))
         upload_result(store, result.model_dir, out_uri)
         log.info("final model uploaded to %s", out_uri)
+        if spec.output.hub and stage == stages_for(job.kind, spec)[-1] and stage in OUTPUT_STAGE:
+            from dhad_trainer.storage import hub
+
+            try:
+                hub.push(result.model_dir, spec.output.hub, f"Dhad {job.kind.value} {job.metadata.name}: {stage} ({out_uri})")
+            except hub.HubError as error:  # the model is safe in S3; training again would not help
+                raise ConfigError(f"{error}; the model is at {out_uri}") from None
     distributed.barrier()
     if reporter:
         numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}

@@ -21,6 +21,7 @@ from typing import Any
 from dhad_api.common import Strategy
 from dhad_api.jobs import JobSpec
 from dhad_api.training import Optimization, Precision, Schedule
+from dhad_trainer.runtime import tracking
 
 
 @dataclass
@@ -42,6 +43,7 @@ class StageRun:
     world_size: int = 1
     local_rank: int = 0
     use_cpu: bool = True
+    root: str = ""  # the job's output root (s3:// or a folder): where earlier sub-stages left pointers
 
     @property
     def is_main(self) -> bool:
@@ -122,7 +124,7 @@ def training_arguments(run: StageRun, opt: Optimization, **overrides: Any) -> di
         "save_strategy": "steps",
         "save_steps": run.spec.checkpoint.interval_steps,
         "save_total_limit": 2,  # local disk only; the object store keeps checkpoint.keepLast
-        "report_to": [],
+        **tracking.trainer_arguments(run),  # report_to (TensorBoard, MLflow, W&B) on rank 0, run_name
         "use_cpu": run.use_cpu,
         # Only under torchrun: accelerate expects a process group once a backend is named.
         "ddp_backend": ("gloo" if run.use_cpu else "nccl") if run.world_size > 1 else None,

@@ -233,6 +233,9 @@ def write_outputs(run: StageRun, entries: list[dict], gathered: list, prompt_cou
     metrics["heldout_pairs"] = sum(r["split"] == HELD_OUT for r in records)
     metrics["train_prompts"] = sum(e["split"] == TRAIN for e in entries)
     metrics["heldout_prompts"] = len(entries) - metrics["train_prompts"]
+    for side in ("chosen", "rejected"):  # response length per side: the judge's length bias, in TensorBoard
+        lengths = [len(r[side][0]["content"]) for r in records]
+        metrics[f"{side}_length_chars"] = sum(lengths) / len(lengths) if lengths else None
     metrics["prompt_sources"] = prompt_counts
     (out / STATS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
     log.info("feedback: %s", {k: v for k, v in metrics.items() if k != "prompt_sources"})

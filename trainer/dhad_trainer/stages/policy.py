@@ -23,6 +23,7 @@ import logging
 from dhad_api.jobs import RLAIFJobSpec
 from dhad_api.stages import PolicyAlgorithm, PolicyStage
 from dhad_trainer.data.conversations import load_prompts
+from dhad_trainer.runtime import tracking
 from dhad_trainer.stages.alignment import (
     INPUT_FEEDBACK,
     INPUT_REWARD_MODEL,
@@ -127,6 +128,7 @@ def run(run: StageRun) -> StageResult:
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=load_dtype(run))
     trainer = build_trainer(run, model, tokenizer)
+    tracking.rlaif_aliases(trainer)  # rlaif/reward, rlaif/kl, rlaif/response_length whatever the algorithm
     result = trainer.train(resume_from_checkpoint=resume_arg(run))
     save_final(trainer, tokenizer, run)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]

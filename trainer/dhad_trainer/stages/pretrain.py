@@ -1,10 +1,16 @@
-"""Continued pre-training (AceGPT step 1): Arabic data prep, optional vocabulary expansion, causal LM
-on packed blocks with warmup + cosine, gradient accumulation and clipping (all from the spec).
+"""Continued pre-training (AceGPT step 1): causal LM on the prepared blocks, with warmup + cosine,
+gradient accumulation and clipping (all from the spec), after an optional vocabulary expansion.
 
-Data preparation: every node's leader (local rank 0) prepares into its own node-local work dir while
-the other ranks wait; the pipeline is deterministic, so all nodes get byte-identical shards, which
-is checked (an all-gather of shard hashes) before any step runs. This costs each node the prep CPU
-time but needs no shared filesystem or object-store round trip; restarts prepare again.
+Training never prepares data. The prepare sub-stage left `<root>/prepare/prepared.json` naming a
+prepared dataset in S3 (shards of packed blocks, a MANIFEST with the sources' mixture); each rank
+streams its own contiguous share of the mixture order (data.mixture) shard by shard, fetching the
+next shards in the background, so no node downloads the corpus. The order depends on the training
+seed, the world size and the micro batch only, so a resumed run sees the same blocks in the same
+order: the Trainer skips the batches already trained, as before.
+
+When the prepared dataset carries an expanded tokenizer, each node's leader resizes the model from
+its vocabulary.json (new rows are the mean of their parts); vocabulary.warmupSteps first trains only
+the embeddings for that many steps (a fresh run only: a checkpoint already holds the warmed rows).
 
 Packing without cross-document attention: blocks carry position_ids that restart at every document
 start, no attention_mask is passed and the model cache is off. What that guarantees (transformers
@@ -20,21 +26,24 @@ The label of each document's first token is -100, so no document is trained to f
 
 from __future__ import annotations
 
-import hashlib
+import gc
+import io
 import json
 import logging
 import math
 import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dhad_api.data_prep import SourceSpec
 from dhad_api.jobs import PretrainJobSpec
-from dhad_trainer.data.pack import eos_id_for
-from dhad_trainer.data.prepare import STATS_FILE, prepare
-from dhad_trainer.data.readers import DataError, iter_source
+from dhad_trainer.data import mixture
+from dhad_trainer.data.prepare import MANIFEST_FILE, STATS_FILE
+from dhad_trainer.data.readers import DataError
 from dhad_trainer.runtime import distributed
 from dhad_trainer.runtime.callbacks import ProgressCallback
 from dhad_trainer.stages.base import (
@@ -45,26 +54,85 @@ from dhad_trainer.stages.base import (
     training_arguments,
     weights_dtype,
 )
-from dhad_trainer.storage.models import tree_hash
+from dhad_trainer.stages.prepare import pointer_uri
+from dhad_trainer.storage.routing import open_store
 
 log = logging.getLogger(__name__)
 
 
-class PackedBlocks(torch.utils.data.Dataset):
-    """The prepared parquet shards as a memory-mapped map-style dataset (resumable sampler state)."""
+class StreamedBlocks(torch.utils.data.Dataset):
+    """This rank's share of a prepared dataset's mixture, read from the store shard by shard.
 
-    def __init__(self, shards: list[Path], cache_dir: Path) -> None:
-        import datasets
+    Map-style (so the Trainer's resume skips batches without reading them), sampled in order: index
+    i is mixture position `rank_position(i)`. Shards are fetched whole (one ranged, resumable stream
+    each) into a small LRU cache, the next ones in this rank's order ahead of need.
+    """
 
-        self.ds = datasets.load_dataset("parquet", data_files=[str(s) for s in shards], split="train",
-                                        cache_dir=str(cache_dir)).with_format("numpy")
+    def __init__(self, store, root: str, manifest: dict, *, rank: int, world: int, micro_batch: int, seed: int,
+                 cache: int = 3, ahead: int = 2) -> None:
+        self.store, self.root = store, root.rstrip("/")
+        self.shards = mixture.shard_list(manifest)
+        self.order = mixture.order(manifest, seed)
+        self.world, self.micro, self.rank = world, micro_batch, rank
+        self.per_rank = mixture.per_rank(len(self.order), world, micro_batch)
+        if not self.per_rank:
+            raise DataError(f"prepared data {root}: {len(self.order)} block(s) in the mixture, fewer than one micro "
+                            f"batch ({micro_batch}) for each of {world} process(es)")
+        self.cache: OrderedDict[int, dict] = OrderedDict()
+        self.cache_size, self.ahead = cache, ahead
+        self.pending: dict[int, object] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shards")
+        self.lock = threading.Lock()
+        self.fetched: list[int] = []  # shard numbers in the order they were read (tests)
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return self.per_rank * self.world
+
+    def __getstate__(self):  # DataLoader workers (none today) would rebuild their own pool
+        state = dict(self.__dict__)
+        state.update(pool=None, lock=None, pending={}, cache=OrderedDict())
+        return state
+
+    def _read(self, shard: int) -> dict:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(self.store.get_bytes(f"{self.root}/{self.shards[shard][0]}")))
+        self.fetched.append(shard)
+        return {name: np.stack(table.column(name).to_numpy(zero_copy_only=False)) for name in ("input_ids", "position_ids")}
+
+    def _shard(self, shard: int, position: int) -> dict:
+        with self.lock:
+            if shard in self.cache:
+                self.cache.move_to_end(shard)
+                return self.cache[shard]
+            future = self.pending.pop(shard, None)
+        data = future.result() if future is not None else self._read(shard)
+        with self.lock:
+            self.cache[shard] = data
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+            self._prefetch(position)
+        return data
+
+    def _prefetch(self, position: int) -> None:
+        """Starts fetching the next `ahead` shards this rank's order needs after `position`."""
+        end = (self.rank + 1) * self.per_rank
+        upcoming: list[int] = []
+        for shard in self.order[position:end, 0]:
+            shard = int(shard)
+            if shard not in upcoming and shard not in self.cache:
+                upcoming.append(shard)
+            if len(upcoming) >= self.ahead:
+                break
+        for shard in upcoming:
+            if shard not in self.pending and self.pool is not None:
+                self.pending[shard] = self.pool.submit(self._read, shard)
 
     def __getitem__(self, i: int) -> dict:
-        row = self.ds[int(i)]
-        return {"input_ids": row["input_ids"], "position_ids": row["position_ids"], "index": int(i)}
+        position = mixture.rank_position(int(i), self.world, self.micro, self.per_rank)
+        shard, row = (int(x) for x in self.order[position])
+        data = self._shard(shard, position)
+        return {"input_ids": data["input_ids"][row], "position_ids": data["position_ids"][row], "index": int(i)}
 
 
 class PackedCollator:
@@ -85,42 +153,53 @@ class PackedCollator:
         return {"input_ids": ids, "position_ids": pos, "labels": labels, "use_cache": False}
 
 
-def _corpus_for_vocabulary(run: StageRun, tokenizer, base_data: Path) -> list[str]:
+def prepared_dataset(run: StageRun) -> tuple[object, str, dict, dict]:
+    """(store, URI, manifest, stats) of the dataset the prepare sub-stage named for this job."""
     spec: PretrainJobSpec = run.spec
-    if spec.vocabulary.corpus:
-        raw = iter_source(SourceSpec(uri=spec.vocabulary.corpus), run.data_store)
-        return [t for t in raw if isinstance(t, str) and t.strip()]
-    from dhad_trainer.data.vocab import documents_from_blocks
-
-    prepare(spec.data, tokenizer, base_data, store=run.data_store)
-    return list(documents_from_blocks(sorted(base_data.glob("part-*.parquet")), tokenizer,
-                                      eos_id_for(tokenizer, spec.data.packing)))
-
-
-def prepare_on_node(run: StageRun, tokenizer_dir: Path) -> dict:
-    """Node leader: optional vocabulary expansion, then the data pipeline. Returns what it reports."""
-    from transformers import AutoTokenizer
-
-    spec: PretrainJobSpec = run.spec
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    report: dict = {}
-    if spec.vocabulary.new_tokens:
-        from dhad_trainer.data.vocab import expand_vocabulary
-
-        texts = _corpus_for_vocabulary(run, tokenizer, run.work_dir / "data-base-vocab")
-        held_out, train = texts[::20], [t for i, t in enumerate(texts) if i % 20]
-        report["vocabulary"] = expand_vocabulary(run.model_dir, train or held_out, held_out, spec.vocabulary.new_tokens,
-                                                 run.work_dir / "expanded-model", spec.model.dtype.value)
-        tokenizer = AutoTokenizer.from_pretrained(run.work_dir / "expanded-model")
-    report["data"] = prepare(spec.data, tokenizer, run.work_dir / "data", store=run.data_store)
-    return report
+    root_store = open_store(run.root, spec.storage)
+    try:
+        pointer = json.loads(root_store.get_bytes(pointer_uri(run.root)))
+    except FileNotFoundError:
+        raise DataError(f"no prepared data at {pointer_uri(run.root)}: the prepare sub-stage has not finished "
+                        "(training never prepares data)") from None
+    store = open_store(pointer["uri"], spec.storage)
+    manifest = json.loads(store.get_bytes(f"{pointer['uri']}/{MANIFEST_FILE}"))
+    stats = json.loads(store.get_bytes(f"{pointer['uri']}/{STATS_FILE}"))
+    return store, pointer["uri"], manifest, stats
 
 
-def _fingerprint(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.glob("part-*.parquet")):
-        h.update(p.read_bytes())
-    return h.hexdigest()
+def expanded_model(run: StageRun, store, uri: str) -> Path:
+    """The base model resized for the prepared dataset's expanded tokenizer (node leaders write it)."""
+    from dhad_trainer.data.vocab import expand_model
+
+    out = run.work_dir / "expanded-model"
+    if run.local_rank == 0:
+        tokenizer = run.work_dir / "prepared-tokenizer"
+        store.download_dir(f"{uri}/tokenizer", tokenizer)
+        expand_model(run.model_dir, tokenizer, out, run.spec.model.dtype.value)
+    distributed.barrier()
+    return out
+
+
+def warm_embeddings(run: StageRun, model, dataset, args_kwargs: dict, steps: int) -> None:
+    """`steps` optimizer steps that update only the input and output embeddings (the rest frozen)."""
+    from transformers import Trainer, TrainingArguments
+
+    embeddings = {id(model.get_input_embeddings().weight)}
+    if model.get_output_embeddings() is not None:
+        embeddings.add(id(model.get_output_embeddings().weight))
+    frozen = [p for p in model.parameters() if id(p) not in embeddings and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    args = TrainingArguments(**{**args_kwargs, "max_steps": steps, "save_strategy": "no",
+                                "output_dir": str(run.work_dir / "embedding-warmup")})
+    warm = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PackedCollator())
+    warm.train()
+    del warm
+    gc.collect()
+    for p in frozen:
+        p.requires_grad_(True)
+    log.info("embeddings warmed up for %d steps", steps)
 
 
 def attention_for(run: StageRun) -> str:
@@ -154,35 +233,23 @@ def run(run: StageRun) -> StageResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     spec: PretrainJobSpec = run.spec
-    tokenizer_dir = run.inputs.get("tokenizer", run.model_dir)
-    report = prepare_on_node(run, tokenizer_dir) if run.local_rank == 0 else {}
-    distributed.barrier()
-    data_dir = run.work_dir / "data"
-    prints = distributed.all_gather(_fingerprint(data_dir) if run.local_rank == 0 else None)
-    if len({p for p in prints if p is not None}) > 1:
-        raise RuntimeError("nodes prepared different data shards; the data pipeline is not deterministic here")
-    stats = json.loads((data_dir / STATS_FILE).read_text())
-    if not stats["blocks"]:
-        raise DataError(f"the corpus gave no full block of {stats['sequence_length']} tokens ({stats['tokens']} tokens kept)")
-    model_dir = run.work_dir / "expanded-model" if spec.vocabulary.new_tokens else run.model_dir
-    if spec.vocabulary.new_tokens:
-        tokenizer_dir = model_dir
-
-    seq = stats["sequence_length"]
+    store, uri, manifest, stats = prepared_dataset(run)
+    model_dir = expanded_model(run, store, uri) if manifest.get("tokenizer") else run.model_dir
+    tokenizer_dir = model_dir if manifest.get("tokenizer") else run.inputs.get("tokenizer", run.model_dir)
+    seq = manifest["sequence_length"]
     t = spec.training
     steps = max_steps_for(spec, run.world_size, seq)
-    args = TrainingArguments(**training_arguments(run, t, max_steps=steps or -1, remove_unused_columns=False,
-                                                  ddp_find_unused_parameters=False))  # before the model: ZeRO-3
-    shards = sorted(data_dir.glob("part-*.parquet"))
-    if run.local_rank != 0:
-        distributed.barrier()  # leaders convert parquet to the arrow cache first, then everyone maps it
-    dataset = PackedBlocks(shards, run.work_dir / "hf-datasets")
-    if run.local_rank == 0:
-        distributed.barrier()
+    kwargs = training_arguments(run, t, max_steps=steps or -1, remove_unused_columns=False,
+                                ddp_find_unused_parameters=False, train_sampling_strategy="sequential")
+    args = TrainingArguments(**kwargs)  # before the model: ZeRO-3
+    dataset = StreamedBlocks(store, uri, manifest, rank=run.rank, world=run.world_size,
+                             micro_batch=t.micro_batch_size, seed=t.seed)
     attn = attention_for(run)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(run, t), attn_implementation=attn)
     model.config.use_cache = False  # required for the packed-sequence mask (see the module docstring)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if manifest.get("tokenizer") and spec.vocabulary.warmup_steps and run.resume_from is None:
+        warm_embeddings(run, model, dataset, kwargs, spec.vocabulary.warmup_steps)
     for cb in run.callbacks:
         if isinstance(cb, ProgressCallback):
             cb.tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * run.world_size * seq
@@ -191,9 +258,10 @@ def run(run: StageRun) -> StageResult:
     result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     save_model(trainer, run.output_dir)
     metrics = {"train_loss": result.training_loss, "global_step": trainer.state.global_step,
-               "attn_implementation": attn, **{f"data_{k}": stats[k] for k in ("documents_in", "kept", "tokens", "blocks")}}
-    if "vocabulary" in report:
-        metrics.update({f"vocab_{k}": v for k, v in report["vocabulary"].items()})
+               "attn_implementation": attn, "data_shards_read": len(set(dataset.fetched)),
+               **{f"data_{k}": stats[k] for k in ("documents_in", "kept", "tokens", "blocks", "tokens_in_mixture")}}
+    if stats.get("vocabulary"):
+        metrics.update({f"vocab_{k}": v for k, v in stats["vocabulary"].items()})
     if run.is_main:
-        metrics["input_sha256"] = {"prepared_data": tree_hash(data_dir)}
+        metrics["input_sha256"] = {"prepared_data": f"{uri} ({manifest['key']})"}
     return StageResult(metrics=metrics, model_dir=run.output_dir)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
-from dhad_trainer.storage.base import CHUNK, FileEntry, _files_under, _Hashing, _StoreBase
+from dhad_trainer.storage.base import CHUNK, FileEntry, _files_under, _Hashing, _StoreBase, sha256_file
 
 
 class LocalStore(_StoreBase):
@@ -39,6 +39,10 @@ class LocalStore(_StoreBase):
                 if path.startswith(prefix):
                     out.append(path)
         return sorted(out)
+
+    def describe(self, uris: list[str]) -> list[tuple[str, int, str]]:
+        """(path, size, "sha256:<hex>") of each file: a local file's identity is its content."""
+        return [(u, self.path(u).stat().st_size, "sha256:" + sha256_file(self.path(u))) for u in uris]
 
     def list_dirs(self, uri: str) -> list[str]:
         folder = self.path(uri)

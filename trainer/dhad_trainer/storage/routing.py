@@ -43,5 +43,9 @@ class RoutingStore:
     def size(self, uri: str) -> int:
         return self._for(uri).size(uri)
 
+    def describe(self, uris: list[str]) -> list[tuple[str, int, str]]:
+        return [row for uri in uris for row in self._for(uri).describe([uri])] if len(
+            {u.startswith("s3://") for u in uris}) > 1 else (self._for(uris[0]).describe(uris) if uris else [])
+
     def exists(self, uri: str) -> bool:
         return self._for(uri).exists(uri)

@@ -4,13 +4,22 @@ Endpoint, region and keys come from AWS_* env (the operator injects them from th
 keys the SDK's provider chain is used (IRSA / web identity, ECS, EC2 metadata), so cloud workload
 identity works. Missing objects raise FileNotFoundError; everything else StorageError, never with a
 credential in the message.
+
+Reads (`open`) are seekable streams of ranged GETs pinned to the object's ETag: a connection that
+breaks mid-object is retried with backoff and resumed at the byte it stopped at, an object that
+changes meanwhile is an error rather than a splice, and parquet files are read by the ranges pyarrow
+asks for (footer, then column chunks) instead of being downloaded whole.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
+import logging
 import os
+import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +28,12 @@ from dhad_api.layout import split_s3
 from dhad_trainer.storage.base import CHUNK, FileEntry, StorageError, _Hashing, _StoreBase, sha256_file
 
 PART_SIZE = 32 * 1024 * 1024  # multipart part size; bigger files go up in parts, 2 in flight per file
+READ_WINDOW = 8 * 1024 * 1024  # one ranged GET covers at most this much of a streamed object
+FIRST_WINDOW = 256 * 1024  # after opening or seeking: random access (parquet) fetches little extra
+READ_ATTEMPTS = int(os.environ.get("DHAD_S3_READ_ATTEMPTS", "6"))
+READ_BACKOFF = float(os.environ.get("DHAD_S3_READ_BACKOFF", "0.5"))  # seconds, doubled per attempt, capped at 8
+
+log = logging.getLogger(__name__)
 
 
 def _scrub(text: str) -> str:
@@ -30,22 +45,88 @@ def _scrub(text: str) -> str:
     return text
 
 
-class _Response(io.RawIOBase):
-    """A GET body as a closable binary stream (readers iterate lines; gzip and parquet read it)."""
+class _RangedReader(io.RawIOBase):
+    """An object as a seekable stream of ranged GETs (If-Match its ETag), resumed where it broke."""
 
-    def __init__(self, resp) -> None:
-        self.resp = resp
+    def __init__(self, store: S3Store, uri: str, bucket: str, key: str, size: int, etag: str) -> None:
+        self.store, self.uri, self.bucket, self.key, self.size, self.etag = store, uri, bucket, key, size, etag
+        self.pos = 0
+        self.resp = None
+        self.window = FIRST_WINDOW  # doubles while reads stay sequential
+        self.requests = 0  # GETs issued (tests and logs read it)
+        self.resumed_at: list[int] = []  # byte offsets reads were resumed from
 
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = {io.SEEK_SET: offset, io.SEEK_CUR: self.pos + offset, io.SEEK_END: self.size + offset}[whence]
+        if target != self.pos:
+            self._drop()
+            self.pos = max(0, target)
+            self.window = FIRST_WINDOW
+        return self.pos
+
+    def _drop(self) -> None:
+        if self.resp is not None:
+            try:
+                self.resp.close()
+                self.resp.release_conn()
+            except Exception:  # noqa: BLE001 - a broken connection is closed either way
+                pass
+            self.resp = None
+
+    def _open(self, want: int) -> None:
+        length = min(self.size - self.pos, max(want, self.window))
+        self.window = min(self.window * 2, READ_WINDOW)
+        headers = {"If-Match": self.etag} if self.etag else None
+        self.requests += 1
+        self.resp = self.store._call(f"read {self.uri}", self.store.client.get_object, self.bucket, self.key,
+                                     offset=self.pos, length=length, request_headers=headers)
+        self.resp_end = self.pos + length
+        etag = (self.resp.headers.get("ETag") or "").strip('"')
+        if self.etag and etag and etag != self.etag.strip('"'):  # servers that ignore If-Match
+            self._drop()
+            raise StorageError(f"read {self.uri}: the object changed while being read (ETag {self.etag} -> {etag}; "
+                               "S3 error PreconditionFailed)")
+
     def readinto(self, buf) -> int:
-        return self.resp.readinto(buf)
+        if self.pos >= self.size or len(buf) == 0:
+            return 0
+        from urllib3.exceptions import HTTPError
+
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                if self.resp is None or self.pos >= self.resp_end:
+                    self._drop()
+                    self._open(len(buf))
+                view = memoryview(buf)[: self.resp_end - self.pos]
+                n = self.resp.readinto(view)
+                if n == 0:
+                    raise http.client.IncompleteRead(b"", self.resp_end - self.pos)
+                self.pos += n
+                return n
+            except (HTTPError, OSError, http.client.HTTPException) as error:
+                self._drop()
+                if attempt + 1 == READ_ATTEMPTS:
+                    raise StorageError(_scrub(f"read {self.uri}: failed at byte {self.pos} of {self.size} after "
+                                              f"{READ_ATTEMPTS} attempts ({type(error).__name__}: {error})")) from None
+                self.resumed_at.append(self.pos)
+                wait = min(READ_BACKOFF * 2**attempt, 8.0) * (0.5 + random.random() / 2)
+                log.warning("read %s broke at byte %d (%s); resuming in %.1f s", self.uri, self.pos,
+                            type(error).__name__, wait)
+                time.sleep(wait)
+        return 0  # pragma: no cover - the loop returns or raises
 
     def close(self) -> None:
         if not self.closed:
-            self.resp.close()
-            self.resp.release_conn()
+            self._drop()
         super().close()
 
 
@@ -95,7 +176,21 @@ class S3Store(_StoreBase):
 
     def open(self, uri: str) -> BinaryIO:
         bucket, key = split_s3(uri)
-        return io.BufferedReader(_Response(self._call(f"read {uri}", self.client.get_object, bucket, key)), CHUNK)
+        stat = self._call(f"stat {uri}", self.client.stat_object, bucket, key)
+        return io.BufferedReader(_RangedReader(self, uri, bucket, key, stat.size, stat.etag or ""), FIRST_WINDOW)
+
+    def describe(self, uris: list[str]) -> list[tuple[str, int, str]]:
+        """(uri, size, "etag:<ETag>") of each object, from one listing per bucket prefix in common."""
+        wanted = set(uris)
+        out = []
+        for prefix in sorted({u.rsplit("/", 1)[0] + "/" for u in uris}):
+            bucket, key = split_s3(prefix)
+            objs = self._call(f"list {prefix}", lambda b=bucket, k=key: list(self.client.list_objects(b, prefix=k + "/" if k else None, recursive=False)))
+            for o in objs:
+                uri = f"s3://{bucket}/{o.object_name}"
+                if uri in wanted:
+                    out.append((uri, o.size or 0, f"etag:{(o.etag or '').strip(chr(34))}"))
+        return out
 
     def list(self, prefix: str) -> list[str]:
         bucket, key = split_s3(prefix)
