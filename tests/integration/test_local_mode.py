@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -44,7 +45,7 @@ def test_dhad_run_trains_on_teacher_answers(tmp_path):
         env = {**os.environ, "DHAD_TEACHER_API_KEY": "sk-local-test", "OMP_NUM_THREADS": "1"}
         done = subprocess.run(
             [sys.executable, "-m", "dhad_trainer.cli", "run", "-f", str(manifest), "--workdir", str(tmp_path / "run"),
-             "--put", f"{model}=s3://dhad-demo/models/tiny-base", "--put", f"{tmp_path / 'prompts.jsonl'}=s3://dhad-demo/data/prompts.jsonl"],
+             "-o", str(tmp_path / "out"), "--put", f"{model}=s3://dhad-demo/models/tiny-base", "--put", f"{tmp_path / 'prompts.jsonl'}=s3://dhad-demo/data/prompts.jsonl"],
             env=env, capture_output=True, text=True, timeout=600)
         answered = dict(teacher.counts)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -70,10 +71,10 @@ def test_dhad_run_evaluates_a_model_beside_a_compared_one(tmp_path):
             f"{bench}=s3://dhad-demo/benchmarks/acegpt/EXAMS_Arabic"]
     done = subprocess.run(
         [sys.executable, "-m", "dhad_trainer.cli", "run", "-f", str(manifest), "--workdir", str(tmp_path / "run"),
-         *[arg for put in puts for arg in ("--put", put)]],
+         "-o", str(tmp_path / "out"), *[arg for put in puts for arg in ("--put", put)]],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    status = json.loads(done.stdout[done.stdout.index("{"):])
+    status = json.loads(done.stdout[re.search(r"^\{$(?![\s\S]*^\{$)", done.stdout, re.M).start():])  # the last, pretty-printed document
     assert status["state"] == "Succeeded"
     logs = tmp_path / "run" / "jobs" / "evaljob-tiny-eval"
     final = json.loads((logs / "eval-progress.jsonl").read_text(encoding="utf-8").splitlines()[-1])

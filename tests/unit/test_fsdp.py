@@ -23,7 +23,7 @@ from dhad_trainer.local.tiny import DEFAULT_CORPUS, init_tiny_model
 from dhad_trainer.storage.checkpoints import CheckpointStore
 from dhad_trainer.storage.routing import open_store
 from tests.harness.processes import free_port
-from tests.unit.test_launcher import Launch, job_doc
+from tests.unit.test_launcher import Launch, job_doc, prepare_job
 
 pytestmark = [pytest.mark.torchrun, pytest.mark.s3]
 STEPS = 4
@@ -46,6 +46,10 @@ def runs(s3_server, s3_bucket, tmp_path_factory):
 
     fsdp = {"strategy": "fsdp"}
     out = {"base": base, "store": store, "tmp": tmp}
+    env = {**env, "DHAD_PREPARED_ROOT": f"{base}/prepared"}  # one prepared dataset, made once, for every job
+    for uid in ("ddp", "f", "h"):  # each job's prepare pod (the second and third find the data made)
+        prepare_job(doc(uid, {"strategy": "ddp"}), tmp / f"prepare-{uid}", env)
+    env["DHAD_STAGE"] = "pretrain"
     ddp = Launch.start(doc("ddp", {"strategy": "ddp"}), tmp / "ddp", env)
     out["ddp"] = (ddp, ddp.wait())
     crash = Launch.start(doc("f", fsdp), tmp / "f1", {**env, "DHAD_TEST_CRASH_AT_STEP": "3", "DHAD_TEST_CRASH_RANK": "1",

@@ -231,3 +231,14 @@ def test_first_sub_stage_checks_the_later_ones_data(tmp_path, model_dir, prompts
     code = run.wait(60)
     assert code == ExitCode.DATA_ERROR and "missing.jsonl" in run.termination["message"], run.log[-2000:]
     assert TORCHRUN not in run.log
+
+
+def test_eval_compared_model_that_is_no_model_is_refused_naming_its_entry(tmp_path, model_dir):
+    """evaluation.compare's models are checked with the job's own, by their place in the list."""
+    doc = {"apiVersion": "dhad.dev/v1alpha1", "kind": "EvalJob", "metadata": {"name": "e", "namespace": "ns", "uid": "u"},
+           "spec": {"model": {"uri": model_dir}, "resources": {"nodes": 1, "gpusPerNode": 0}, "storage": {"bucket": "dhad-test"},
+                    "evaluation": {"suites": ["acva"], "compare": [{"name": "base", "model": {"uri": model_dir}},
+                                                                  {"name": "other", "model": {"uri": str(tmp_path / "empty")}}]}}}
+    (tmp_path / "empty").mkdir()
+    code, term, log = launch(doc, tmp_path / "run")
+    assert_bad_config_before_training(code, term, log, "evaluation.compare[1].model.uri")

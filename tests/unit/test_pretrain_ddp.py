@@ -95,8 +95,15 @@ def test_training_writes_checkpoints_progress_and_final_model(runs, tmp_path):
     prompt = tokenizer("تقع مدينة", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 6
-    card = (tmp_path / "model" / "README.md").read_text()
-    assert '"learningRate": 0.002' in card and '"prepared_data"' in card and '"commit"' in card
+    from huggingface_hub import ModelCard
+
+    from dhad_trainer.storage.models import code_version
+
+    card = ModelCard.load(tmp_path / "model" / "README.md")
+    step = card.data.dhad["lineage"][-1]  # this job's line: what it read, at which code commit
+    assert step["stage"] == "pretrain" and step["commit"] == code_version()["commit"], step
+    assert step["inputs"]["prepared_data"].startswith(f"{runs['base']}/prepared/"), step["inputs"]
+    assert '"learningRate": 0.002' in card.text
 
 
 def test_the_data_is_prepared_once_and_each_rank_streams_its_own_share(runs):

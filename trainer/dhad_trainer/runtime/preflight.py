@@ -28,7 +28,7 @@ from pathlib import Path
 from dhad_api.common import Attention, Strategy
 from dhad_api.jobs import Job, JobSpec, PretrainJobSpec, RLAIFJobSpec, SFTJobSpec, stage_pods, stages_for
 from dhad_api.plan import Architecture, checkpoint_bytes_per_node, gib, known_architecture
-from dhad_api.references import model_specs
+from dhad_api.references import COMPARE, model_specs
 from dhad_api.training import Optimization, Precision
 from dhad_trainer.storage.base import StorageError
 
@@ -193,8 +193,13 @@ def model_references(job: Job, spec: JobSpec) -> list[tuple[str, str]]:
     by_role = {"judge": resolved.judge_model_uri, "reward": resolved.reward_model_uri, "teacher": resolved.teacher_model_uri}
     fields = {"judge": "feedback.judge.model.uri" if isinstance(spec, RLAIFJobSpec) else "evaluation.judge.model.uri",
               "reward": "policy.rewardModel.uri", "teacher": "respond.teacher.model.uri"}
+    compared = [c.name for c in getattr(getattr(spec, "evaluation", None), "compare", None) or ()]
     for role, model in model_specs(spec).items():
-        if role != "model":
+        if role.startswith(COMPARE):  # evaluation.compare[i]: resolved by name (fromJob or a uri)
+            name = role.removeprefix(COMPARE)
+            refs.append((f"evaluation.compare[{compared.index(name)}].model.uri",
+                         resolved.compare_model_uris.get(name) or model.uri))
+        elif role != "model":
             refs.append((fields[role], by_role.get(role) or model.uri))
     return [(f, u) for f, u in refs if u]
 
