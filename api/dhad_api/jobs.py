@@ -127,11 +127,11 @@ class RLAIFJobSpec(JobSpec):
     policy: PolicyStage = Field(default_factory=PolicyStage, description="policy optimises the model against the reward model. Default grpo.")
 
     rules = JobSpec.rules + (
-        Rule("self.policy.algorithm == 'dpo' || (self.policy.training.microBatchSize * self.policy.training.gradientAccumulationSteps"
+        Rule("self.policy.algorithm == 'dpo' || self.policy.algorithm == 'ppo' || (self.policy.training.microBatchSize * self.policy.training.gradientAccumulationSteps"
              " * self.resources.nodes * (self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode : 1))"
              " % self.policy.generationsPerPrompt == 0",
              "policy: the generation batch (microBatchSize x gradientAccumulationSteps x processes) must be divisible by generationsPerPrompt",
-             lambda s: s.policy.algorithm == PolicyAlgorithm.DPO or (
+             lambda s: s.policy.algorithm in (PolicyAlgorithm.DPO, PolicyAlgorithm.PPO) or (
                  s.policy.training.micro_batch_size * s.policy.training.gradient_accumulation_steps
                  * s.resources.nodes * max(s.resources.gpus_per_node, 1)) % s.policy.generations_per_prompt == 0,
              ".policy.generationsPerPrompt"),

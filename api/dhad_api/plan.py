@@ -17,8 +17,10 @@ Pure (no torch): the operator imports it to set the `Planned` condition and refu
   by the tensors autograd saves per token and layer (see `saved_bytes_per_token`); with gradient
   checkpointing the saved layer inputs plus one layer recomputed; and the logits with their fp32 loss copies.
 - the vLLM reservation (TRL's colocated engine takes `VLLM_MEMORY_FRACTION` of each GPU) and RLAIF's
-  extra models: the frozen reference and the reward model beside the policy, a local judge beside the
-  sampling policy in feedback, a local teacher in respond.
+  extra models: the frozen reference and the reward model beside the policy (none with policy LoRA: the
+  adapters-off policy is the reference, and for ppo the adapters-off critic the reward model), ppo's
+  critic trained beside the policy, a local judge beside the sampling policy in feedback, a local teacher
+  in respond.
 - a runtime reserve (CUDA context, NCCL buffers, allocator slack).
 
 Tokens per optimizer step = micro-batch x accumulation x processes x sequence length; time per step =
@@ -458,14 +460,27 @@ def plan_job(kind: JobKind | str, spec: JobSpec, arch: Architecture, gpu: Gpu | 
         elif isinstance(spec, RLAIFJobSpec) and stage == "policy":
             pol = spec.policy
             seq = PROMPT_TOKENS + pol.generation.max_new_tokens
-            pairs = 2 if pol.algorithm == PolicyAlgorithm.DPO else 1
-            plan = training_plan(stage, spec, arch, pol.training, seq, gpu, mfu, batch_factor=pairs,
-                                 label=f"policy ({pol.algorithm.value})")
+            ppo = pol.algorithm == PolicyAlgorithm.PPO
+            # DPO's pairs and PPO's critic (a second model on the same mini-batch) double the activations
+            batch = 2 if pol.algorithm == PolicyAlgorithm.DPO or ppo else 1
+            trainable = lora_parameters(arch, pol.lora.r, pol.lora.target_modules) if pol.lora else None
+            plan = training_plan(stage, spec, arch, pol.training, seq, gpu, mfu, batch_factor=batch,
+                                 trainable=trainable, label=f"policy ({pol.algorithm.value})")
             split = _sharded_extra(spec, world)
-            if pol.kl_coefficient > 0 or pol.algorithm == PolicyAlgorithm.DPO:
+            reward_arch = replace(arch, tie_embeddings=True)
+            if ppo:  # the critic, initialised from the reward model, trains beside the policy in one engine
+                critic = StagePlan("critic", plan.strategy, world)
+                state_components(critic, reward_arch, trainable or reward_arch.parameters,
+                                 reward_arch.parameters - trainable if trainable else 0, _precision(pol.training, pods.gpus_per_pod),
+                                 spec.distributed.strategy, spec.distributed.zero_stage or 2, spec.distributed.offload,
+                                 world, world, pods.procs_per_pod)
+                for name, value in critic.components:
+                    plan.add(f"critic {name}", value)
+            # With LoRA the reference is the policy with its adapters off (and ppo's reward model the critic's)
+            if (pol.kl_coefficient > 0 or pol.algorithm == PolicyAlgorithm.DPO) and not pol.lora:
                 inference_components(plan, "reference model", arch, load, 0, 0, split)
-            if pol.algorithm != PolicyAlgorithm.DPO:
-                inference_components(plan, "reward model", replace(arch, tie_embeddings=True), load, 0, 0, split)
+            if pol.algorithm != PolicyAlgorithm.DPO and not (ppo and pol.lora):
+                inference_components(plan, "reward model", reward_arch, load, 0, 0, split)
             if pol.use_vllm:
                 if gpu is not None:
                     plan.add(f"vLLM colocated engine ({VLLM_MEMORY_FRACTION:.0%} of the GPU)", VLLM_MEMORY_FRACTION * gpu.memory)

@@ -180,6 +180,11 @@ class Feedback(DhadModel):
     language: Annotated[str, StringConstraints(pattern=r"^[a-z]{2}$")] = Field("ar", description="language is the language judgements are asked in. Default ar.")
     generation: Generation = Field(default_factory=Generation, description="generation is how responses are sampled. Default Generation's defaults.")
     held_out_fraction: float = Field(0.1, ge=0, lt=1, description="heldOutFraction is the share of prompts kept out of reward training for evaluation. Default 0.1.")
+    use_forced_verdicts: bool = Field(
+        False,
+        description="useForcedVerdicts keeps pairs that a local judge decided by its likelihood fallback (its answer held no verdict) "
+        "as preference pairs. Forced verdicts are always counted apart and never count toward the agreement rate. Default false.",
+    )
 
 
 class RewardStage(DhadModel):
@@ -187,24 +192,57 @@ class RewardStage(DhadModel):
 
     training: Optimization = Field(default_factory=Optimization, description="training is the reward model's optimisation. Default Optimization's defaults.")
     sequence_length: int = Field(1024, ge=16, le=1_048_576, description="sequenceLength bounds prompt+response, in tokens. Default 1024.")
-    culture_set: Uri | None = Field(None, description="cultureSet is a preference set of Arabic cultural and value questions to report accuracy on. Empty means Dhad's own.")
+    culture_set: Uri | None = Field(None, description="cultureSet is a preference set of Arabic cultural and value questions to report accuracy on, per topic. Empty means Dhad's own.")
+    benchmarks: Uri | None = Field(
+        None,
+        description="benchmarks is where the AceGPT benchmark files live (folder or s3:// prefix laid out like the EvalJob's); when set, "
+        "the reward model is also scored on ACVA, each statement as a preference between its affirmation and its negation. Empty skips ACVA.",
+    )
+    acva_limit: int | None = Field(None, ge=1, le=1_000_000, description="acvaLimit caps ACVA statements per topic. Empty means all.")
 
 
 class PolicyAlgorithm(StrEnum):
-    """Policy optimisation algorithm (TRL)."""
+    """Policy optimisation algorithm: PPO (Dhad's loop on TRL and transformers parts) or a TRL trainer."""
 
+    PPO = "ppo"
     GRPO = "grpo"
     RLOO = "rloo"
     ONLINE_DPO = "online-dpo"
     DPO = "dpo"
 
 
+class PPO(DhadModel):
+    """PPO's own settings (algorithm ppo): the rollout batch is microBatchSize x gradientAccumulationSteps x miniBatches
+    prompts per process, one completion each, and is trained on for `epochs` passes."""
+
+    epochs: int = Field(4, ge=1, le=64, description="epochs is how many passes are made over each rollout batch. Default 4.")
+    mini_batches: int = Field(1, ge=1, le=1024, description="miniBatches is how many optimizer steps one pass over a rollout batch makes. Default 1.")
+    clip_range: float = Field(0.2, gt=0, le=10, description="clipRange is epsilon of the clipped policy ratio. Default 0.2.")
+    value_clip_range: float = Field(0.2, gt=0, le=1000, description="valueClipRange bounds how far a value prediction may move from the rollout's before its loss is clipped. Default 0.2.")
+    value_coefficient: float = Field(0.1, gt=0, le=100, description="valueCoefficient weighs the critic's loss against the policy's. Default 0.1.")
+    gamma: float = Field(1.0, gt=0, le=1, description="gamma is the discount over response tokens. Default 1.")
+    lam: float = Field(0.95, ge=0, le=1, description="lam is GAE's lambda. Default 0.95.")
+    kl_target: float | None = Field(
+        None, gt=0, le=1000,
+        description="klTarget makes the KL coefficient adaptive: it starts at klCoefficient and moves each rollout so the KL to the "
+        "reference per response stays near this many nats. Empty keeps klCoefficient fixed.",
+    )
+    kl_horizon: int = Field(10000, ge=1, le=10**9, description="klHorizon is the adaptive controller's horizon, in sequences. Default 10000.")
+    whiten_rewards: bool = Field(False, description="whitenRewards whitens the per-token rewards of each rollout before GAE (advantages are always whitened). Default false.")
+
+
 class PolicyStage(DhadModel):
     """RLAIF policy optimisation against the reward model (or on the pairs, for DPO)."""
 
-    algorithm: PolicyAlgorithm = Field(PolicyAlgorithm.GRPO, description="algorithm is grpo, rloo, online-dpo or dpo. Default grpo.")
-    kl_coefficient: float = Field(0.04, ge=0, le=100, description="klCoefficient (beta) weighs the KL penalty to the frozen reference. Default 0.04.")
-    generations_per_prompt: int = Field(4, ge=2, le=256, description="generationsPerPrompt is the group size for grpo/rloo and online-dpo. Default 4.")
+    algorithm: PolicyAlgorithm = Field(PolicyAlgorithm.GRPO, description="algorithm is ppo, grpo, rloo, online-dpo or dpo. Default grpo.")
+    kl_coefficient: float = Field(0.04, ge=0, le=100, description="klCoefficient (beta) weighs the KL penalty to the frozen reference (ppo: the starting value when ppo.klTarget is set). Default 0.04.")
+    generations_per_prompt: int = Field(4, ge=2, le=256, description="generationsPerPrompt is the group size for grpo/rloo and online-dpo; ppo samples one completion per prompt. Default 4.")
+    ppo: PPO = Field(default_factory=PPO, description="ppo holds PPO's settings (algorithm ppo only). Default PPO's defaults.")
+    lora: Lora | None = Field(
+        None,
+        description="lora trains low-rank adapters on the policy (and on ppo's critic); the reference is then the policy with its adapters "
+        "off and ppo's reward model the critic with its adapters off, so no second copy of either model is loaded. Empty means full fine-tuning.",
+    )
     generation: Generation = Field(default_factory=Generation, description="generation is how rollouts are sampled. Default Generation's defaults.")
     reward_model: ModelSpec | None = Field(None, description="rewardModel is the reward model. Empty means the one the reward sub-stage trained.")
     training: Optimization = Field(

@@ -46,6 +46,12 @@ class Progress(DhadModel):
     percent: int | None = Field(None, ge=0, le=100, description="percent is step/totalSteps as a whole percentage, for kubectl.")
     tokens_per_second: float | None = Field(None, ge=0, description="tokensPerSecond is the recent training throughput over all processes.")
     eta_seconds: int | None = Field(None, ge=0, description="etaSeconds estimates the time left.")
+    figures: dict[Annotated[str, StringConstraints(max_length=64)], float] = Field(
+        default_factory=dict, max_length=16,
+        description="figures are the sub-stage's own latest numbers: for policy rewardMean, rewardStd, kl (per response token), "
+        "responseLength and klCoefficient; for feedback judgements, verdicts, forcedVerdicts, unparseable, refused, judgeErrors, "
+        "agreementRate and trainPairs.",
+    )
     updated_at: Timestamp | None = Field(None, description="updatedAt is when this progress was reported (RFC 3339).")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -153,6 +154,12 @@ def _copy_progress(status: dict, progress: dict | None, stage: str) -> None:
     report = {k: progress[k] for k in fields if progress.get(k) is not None}
     if report.get("totalSteps"):
         report["percent"] = min(100, int(100 * report.get("step", 0) / report["totalSteps"]))
+    figures = progress.get("figures")
+    if isinstance(figures, dict):  # numbers only, at most 16, short names: what the CRD admits
+        numbers = {str(k)[:64]: float(v) for k, v in figures.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+        if numbers:
+            report["figures"] = dict(list(numbers.items())[:16])  # the trainer sends them most important first
     if report:
         status["progress"] = report
     if progress.get("lastCheckpoint"):

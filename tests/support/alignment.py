@@ -102,10 +102,14 @@ def assert_ranks_trained_one_model(results: list[dict], start: Path) -> str:
     return saved
 
 
-def step(stage: str, spec, root: Path, model_dir: Path, inputs: dict | None = None) -> dict:
-    """One stage for `torchrun_stages`; its StageRun gets root/work and root/out."""
-    return {"stage": stage, "kind": type(spec).__name__, "spec": spec.to_json_dict(), "model_dir": str(model_dir),
-            "root": str(root), "inputs": {k: str(v) for k, v in (inputs or {}).items()}}
+def step(stage: str, spec, root: Path, model_dir: Path, inputs: dict | None = None, *, name: str | None = None,
+         **extra) -> dict:
+    """One stage for `torchrun_stages`; its StageRun gets root/work and root/out. `name` keys its results
+    (default the stage); `extra` may hold "resume_from" (a checkpoint folder) and "reward_function"
+    ("module:name"); DeepSpeed or FSDP come from the spec's `distributed`."""
+    return {"stage": stage, "name": name or stage, "kind": type(spec).__name__, "spec": spec.to_json_dict(),
+            "model_dir": str(model_dir), "root": str(root), "inputs": {k: str(v) for k, v in (inputs or {}).items()},
+            **extra}
 
 
 def torchrun_stages(steps: list[dict], root: Path, nproc: int = 2, timeout: int = 300) -> dict[str, list[dict]]:
@@ -117,7 +121,7 @@ def torchrun_stages(steps: list[dict], root: Path, nproc: int = 2, timeout: int 
            str(REPO / "tests" / "support" / "run_stage.py"), str(root / "job.json")]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return {s["stage"]: [json.loads((Path(s["root"]) / f"result-rank{r}.json").read_text()) for r in range(nproc)]
+    return {s["name"]: [json.loads((Path(s["root"]) / f"result-rank{r}.json").read_text()) for r in range(nproc)]
             for s in steps}
 
 

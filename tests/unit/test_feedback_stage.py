@@ -9,8 +9,21 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
+from dhad_api.stages import Endpoint
+from dhad_trainer.llm.judges import FORCED, OK, REFUSED, UNPARSEABLE, EndpointJudge, endpoint_config
+from dhad_trainer.runtime.callbacks import ProgressCallback
+from dhad_trainer.runtime.distributed import Cluster
+from dhad_trainer.runtime.progress import FileSink, ProgressReporter
 from dhad_trainer.stages import feedback
-from dhad_trainer.stages.alignment import HELD_OUT, TRAIN, prompt_id, read_pairs, read_prompts, split_of
+from dhad_trainer.stages.alignment import (
+    HELD_OUT,
+    TRAIN,
+    ShardCache,
+    prompt_id,
+    read_pairs,
+    read_prompts,
+    split_of,
+)
 from tests.support.alignment import distributed_chain, rlaif_spec, stage_run, tiny_lm
 from tests.support.openai_server import OpenAIServer, Reply
 from tests.unit.test_judge import answers
@@ -47,10 +60,12 @@ def endpoint_run(tmp_path_factory, server):
     spec = rlaif_spec(feedback={
         "prompts": [{"uri": str(prompts), "schema": "prompt-completion"}], "heldOutFraction": 0.5,
         "judge": {"endpoint": {"baseUrl": server.base_url, "model": "judge", "maxRetries": 0}, "maxAttempts": 2}})
-    run = stage_run(spec, "feedback", root, tiny_lm(), callbacks=[SaveRecorder()])
+    progress = ProgressReporter(FileSink(root / "progress.jsonl"), "feedback", interval=0)
+    run = stage_run(spec, "feedback", root, tiny_lm(), callbacks=[SaveRecorder(), ProgressCallback(progress, Cluster())])
     first = feedback.run(run)
     requests_after_first = len(server.bodies)
     second = feedback.run(run)
+    progress.close()
     return run, first.metrics, second.metrics, requests_after_first, len(server.bodies)
 
 
@@ -65,17 +80,36 @@ class SaveRecorder(TrainerCallback):
         assert (Path(args.output_dir) / self.saved[-1] / "cache").is_dir()
 
 
-EXPECTED = {"prompts": 6, "samples": 18, "pairs": 12, "identical": 0, "judgements": 24,
-            "unparseable": 4, "refused": 4, "errors": 0, "forced": 0, "skipped": 4,
+EXPECTED = {"prompts": 6, "samples": 18, "pairs": 12, "identical": 0, "judgements": 24, "verdicts": 16,
+            "unparseable": 4, "refused": 4, "errors": 0, "forced": 0, "skipped": 4, "forced_pairs": 0,
             "pairs_judged": 8, "agreed": 4, "disagreed": 2, "ties": 2, "agreement_rate": 0.75}
+
+
+def assert_counts_add_up(stats):
+    """Every judgement has one outcome and every pair of distinct responses one fate."""
+    assert stats["judgements"] == (stats["verdicts"] + stats["forced"] + stats["unparseable"] + stats["refused"]
+                                   + stats["errors"])
+    assert stats["pairs"] == stats["identical"] + stats["pairs_judged"] + stats["forced_pairs"] + stats["skipped"]
+    assert stats["pairs_judged"] == stats["agreed"] + stats["disagreed"] + stats["ties"]
+    assert sum(stats["judgements_by_outcome"].values()) == stats["judgements"]
 
 
 def test_stats_count_every_outcome_exactly(endpoint_run):
     _, stats, _, requests, _ = endpoint_run
     assert {k: stats[k] for k in EXPECTED} == EXPECTED
+    assert_counts_add_up(stats)
+    assert stats["judgements_by_outcome"] == {"agreed": 8, "disagreed": 4, "tie": 4, "unparseable": 4, "refused": 4}
     # 2 calls per judged order for good/flip/tie pairs; garbage and refusals are asked twice (maxAttempts)
     assert stats["judge_calls"] == requests == 8 + 4 + 4 + 8 + 8
     assert stats["cached_hits"] == 0
+
+
+def test_judgement_counts_reach_progress(endpoint_run):
+    run = endpoint_run[0]
+    reports = [json.loads(line) for line in (run.work_dir.parent / "progress.jsonl").read_text().splitlines()]
+    figures = reports[-1]["figures"]
+    assert {k: figures[k] for k in ("judgements", "verdicts", "forcedVerdicts", "unparseable", "refused", "agreementRate")} \
+        == {"judgements": 24, "verdicts": 16, "forcedVerdicts": 0, "unparseable": 4, "refused": 4, "agreementRate": 0.75}
 
 
 def test_rerun_reuses_cached_samples_and_judgements(endpoint_run):
@@ -131,8 +165,11 @@ def test_local_tiny_judge_model_over_two_ranks():
     assert stats["prompts"] == 4 and stats["pairs"] == 12  # both ranks' shares, 3 pairs per prompt
     assert stats["judgements"] == 2 * (12 - stats["identical"])
     assert stats["forced"] == stats["judgements"] == stats["judge_calls"]  # the tiny model never writes [[A]]
-    assert stats["pairs_judged"] == stats["agreed"] + stats["disagreed"] + stats["ties"] == 12 - stats["identical"]
+    assert stats["forced_pairs"] == 12 - stats["identical"] and stats["pairs_judged"] == stats["verdicts"] == 0
+    assert stats["agreement_rate"] is None and stats["forced_share"] == 1.0  # forced verdicts prove no agreement
+    assert stats["train_pairs"] == stats["heldout_pairs"] == stats["forced_pairs_kept"] == 0  # useForcedVerdicts off
     assert stats["unparseable"] == stats["refused"] == stats["skipped"] == 0
+    assert_counts_add_up(stats)
     cache = Path(main["output_dir"]) / "cache"
     assert {p.name.split("-")[1] for p in cache.glob("judgements-*.jsonl")} == {"r000", "r001"}  # per-rank shards
 
@@ -148,3 +185,53 @@ def test_greedy_sampling_is_refused_before_any_work(tmp_path):
     spec = rlaif_spec(feedback={"generation": {"temperature": 0}})
     with pytest.raises(ValueError, match="feedback.generation.temperature"):
         feedback.run(stage_run(spec, "feedback", tmp_path, tiny_lm()))
+
+
+def planted(status: str, verdict: str | None) -> dict:
+    """A judgement as the judge cache stores it (dataclasses.asdict of a Judgement)."""
+    return {"verdict": verdict, "status": status, "rationale": f"{status} {verdict}", "requests": 1,
+            "forced": status == FORCED}
+
+
+# (first order, second order) per pair; the second order shows the pair's second response as A.
+PLANTED = {
+    "both-forced": (planted(FORCED, "A"), planted(FORCED, "B")),  # likelihood: the same response both times
+    "forced-and-own": (planted(OK, "A"), planted(FORCED, "B")),
+    "own-agreed": (planted(OK, "B"), planted(OK, "A")),
+    "own-disagreed": (planted(OK, "A"), planted(OK, "A")),
+    "own-tie": (planted(OK, "tie"), planted(OK, "tie")),
+    "own-beside-unparseable": (planted(OK, "A"), planted(UNPARSEABLE, None)),
+    "forced-beside-refused": (planted(FORCED, "A"), planted(REFUSED, None)),
+}
+
+
+@pytest.mark.parametrize("use_forced", [False, True])
+def test_forced_verdicts_are_counted_apart_and_become_pairs_only_when_asked(server, tmp_path, use_forced):
+    judge = EndpointJudge(endpoint_config(Endpoint(base_url=server.base_url, model="judge", max_retries=0)),
+                          constitution=None, language="ar", max_new_tokens=8, max_attempts=1)
+    entries = [{"id": name, "prompt": [{"role": "user", "content": name}], "split": TRAIN} for name in PLANTED]
+    entries.append({"id": "asked", "prompt": [{"role": "user", "content": "[refuse] س"}], "split": TRAIN})
+    samples = {e["id"]: [f"{e['id']} أولى", f"{e['id']} ثانية"] for e in entries}
+    cache = ShardCache(tmp_path / "cache", "judgements")
+    for e in entries[:-1]:
+        question, (a, b) = e["prompt"][0]["content"], samples[e["id"]]
+        first, second = PLANTED[e["id"]]
+        cache.put_many({judge.cache_key(question, a, b): first, judge.cache_key(question, b, a): second})
+    spec = rlaif_spec(feedback={"useForcedVerdicts": use_forced, "pairs": "adjacent"})
+    before = len(server.bodies)
+    records, stats = feedback.judge_pairs(judge, spec.feedback, entries, samples, cache)
+    assert len(server.bodies) - before == 2  # only the uncached pair was asked (and refused, in both orders)
+    metrics = feedback.write_outputs(stage_run(spec, "feedback", tmp_path, tiny_lm()), entries, [(records, stats)], [])
+    expected = {"judgements": 16, "verdicts": 8, "forced": 4, "unparseable": 1, "refused": 3, "errors": 0,
+                "pairs": 8, "pairs_judged": 3, "agreed": 1, "disagreed": 1, "ties": 1, "forced_pairs": 2,
+                "forced_pairs_kept": 2 if use_forced else 0, "skipped": 3, "agreement_rate": 2 / 3}
+    assert {k: metrics[k] for k in expected} == expected  # forced pairs are not in the agreement rate
+    assert_counts_add_up(metrics)
+    assert metrics["judgements_by_outcome"] == {"agreed": 2, "disagreed": 2, "tie": 2, "forced": 4,
+                                                "verdict_beside_forced": 1, "verdict_beside_failure": 1,
+                                                "unparseable": 1, "refused": 3}
+    kept = {r["prompt_id"]: (r["chosen"][0]["content"], r["forced"]) for r in records}
+    assert kept == {"own-agreed": ("own-agreed ثانية", False),
+                    **({"both-forced": ("both-forced أولى", True), "forced-and-own": ("forced-and-own أولى", True)}
+                       if use_forced else {})}
+    assert metrics["train_pairs"] == len(kept) == len(read_pairs(tmp_path / "out", TRAIN))

@@ -9,6 +9,7 @@ import pytest
 from dhad_api.stages import Endpoint
 from dhad_trainer.llm.judges import (
     ERROR,
+    FORCED,
     JUDGE_API_KEY_ENV,
     OK,
     REFUSED,
@@ -19,6 +20,7 @@ from dhad_trainer.llm.judges import (
     judge_messages,
     load_constitution,
     parse_verdict,
+    status_of,
 )
 from tests.support.openai_server import OpenAIServer, Reply, prompt_of
 
@@ -117,12 +119,15 @@ def test_local_model_judge_unconstrained_gives_up_after_max_attempts(tiny_judge_
     assert [(r.verdict, r.status, r.requests) for r in results] == [(None, UNPARSEABLE, 2)] * 2
 
 
-def test_local_model_judge_constrained_always_decides_and_is_deterministic(tiny_judge_dir):
+def test_local_model_judge_constrained_forces_a_verdict_after_its_last_attempt(tiny_judge_dir):
     judge = ModelJudge(tiny_judge_dir, constitution="كن منصفًا.", language="ar", max_new_tokens=6, max_attempts=2)
     items = [("س١", "الرباط", "القاهرة"), ("س٢", "نعم", "لا"), ("س١", "القاهرة", "الرباط")]
     first, again = judge.judge_many(items), judge.judge_many(items)
-    assert all(r.status == OK and r.verdict in ("A", "B") and r.forced and r.requests == 1 for r in first)
+    # asked twice (greedy, then sampled), then decided by likelihood: a status of its own, never OK
+    assert all(r.status == FORCED and r.verdict in ("A", "B") and r.forced and r.requests == 2 for r in first)
     assert [r.verdict for r in first] == [r.verdict for r in again]
+    assert {first[0].verdict, first[2].verdict} == {"A", "B"}  # order-independent: the same response wins
+    assert status_of({"status": OK, "forced": True}) == FORCED  # judgements cached before the status existed
     keys = {judge.cache_key(*it) for it in items}
     assert len(keys) == 3  # order matters to the key: both orders are separate judgements
     other = ModelJudge(tiny_judge_dir, constitution="دستور آخر", language="ar", max_new_tokens=6, max_attempts=2)

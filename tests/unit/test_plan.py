@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,17 @@ def test_fsdp_and_hybrid_divide_the_states_by_their_shard_group():
         states[name] = dict(stage.components)["optimizer states (sharded)"]
     assert states["full"] == pytest.approx(8 * arch.parameters / 16, rel=1e-6)  # 2 nodes x 8 GPUs
     assert states["hybrid"] == pytest.approx(8 * arch.parameters / 8, rel=1e-6)  # within a node of 8
+
+
+def test_ppo_with_lora_counts_the_critic_and_loads_no_separate_reference_or_reward_model():
+    kind, spec = example(REPO / "examples" / "gpu" / "acegpt-7b-rlaif.yaml")
+    arch = KNOWN_ARCHITECTURES["meta-llama/llama-2-7b-hf"]
+    policy = {p.stage: p for p in plan_job(kind, spec, arch).stages}["policy (ppo)"]
+    names = dict(policy.components)
+    assert "reference model weights" not in names and "reward model weights" not in names
+    assert names["critic 16-bit weights"] == 2 * replace(arch, tie_embeddings=True).parameters  # the frozen backbone
+    assert names["optimizer states (partitioned)"] < 0.01 * names["16-bit weights"]  # adapters only
+    full = spec.model_copy(update={"policy": spec.policy.model_copy(update={"lora": None})})
+    names = dict({p.stage: p for p in plan_job(kind, full, arch).stages}["policy (ppo)"].components)
+    assert {"reference model weights", "reward model weights"} <= set(names)
+    assert names["critic optimizer states (partitioned)"] == pytest.approx(8 * replace(arch, tie_embeddings=True).parameters / 16, rel=1e-6)

@@ -62,7 +62,8 @@ def test_feedback_judged_the_sft_models_samples_of_the_arabic_prompts(chain):
 def test_reward_model_trained_from_the_sft_model_on_those_pairs(chain):
     m = chain["reward"].metrics
     assert m["train_pairs"] == chain["feedback"].metrics["train_pairs"] and m["steps"] == 3
-    assert m["culture_pairs"] == 30 and m["culture_accuracy"] is not None
+    culture = reward.CULTURE_SET.read_text(encoding="utf-8").splitlines()
+    assert m["culture_pairs"] == len(culture) >= 200 and m["culture_accuracy"] is not None
     assert (m["heldout_accuracy"] is None) == (chain["feedback"].metrics["heldout_pairs"] == 0)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(chain["reward"].model_dir)
     sft_model = transformers.AutoModelForCausalLM.from_pretrained(chain["sft"].model_dir)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+from dhad_api.stages import PolicyAlgorithm
 from dhad_trainer.stages import policy
 from tests.support.alignment import (
     StepRecorder,
@@ -69,6 +70,8 @@ def test_kl_and_generation_settings_reach_the_trl_config(feedback_dir, tmp_path)
 @pytest.mark.parametrize("mutate,field", [
     (lambda p: setattr(p.training, "micro_batch_size", 3), "policy.generationsPerPrompt"),  # 3 % 2 groups
     (lambda p: setattr(p.generation, "temperature", 0.0), "policy.generation.temperature"),
+    (lambda p: (setattr(p, "algorithm", PolicyAlgorithm.PPO), setattr(p.generation, "temperature", 0.0)),
+     "policy.generation.temperature"),
     (lambda p: setattr(p, "use_vllm", True), "policy.useVllm"),
 ])
 def test_settings_that_cannot_work_are_refused_by_name(mutate, field, tmp_path):
@@ -78,6 +81,16 @@ def test_settings_that_cannot_work_are_refused_by_name(mutate, field, tmp_path):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         policy.run(run)
     assert not run.output_dir.exists()  # refused before any model was loaded or file written
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_vllm_that_is_not_installed_is_refused_before_any_model_on_gpus(algorithm, tmp_path):
+    assert not policy.vllm_available()  # this environment has no vLLM (the 'gpu' extra is not installed)
+    spec = rlaif_spec(policy={"algorithm": algorithm, "useVllm": True})
+    run = stage_run(spec, "policy", tmp_path, tiny_lm(), use_cpu=False)  # as on a GPU node
+    with pytest.raises(ValueError, match=r"policy\.useVllm is true but vLLM is not installed"):
+        policy.run(run)
+    assert not run.output_dir.exists()
 
 
 def test_missing_reward_model_is_named(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from dhad_api.naming import STAGE_CODES
+from dhad_api.status import JobStatus
 from dhad_operator.reconcile import Observed, Plan, decide, progress_of
 from dhad_operator.render import Defaults
 from dhad_operator.status import rfc3339
@@ -130,6 +131,19 @@ def test_progress_report_is_copied_into_status():
     other = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress={**report, "stage": "respond"}))
     assert "progress" not in other.status and "lastCheckpoint" not in other.status
     assert progress_of({"data": {"progress": "not json"}}) is None and progress_of(None) is None
+
+
+def test_stage_figures_reach_status_as_numbers_only():
+    obj = running_obj()
+    figures = {"rewardMean": 0.42, "kl": 0.05, "forcedVerdicts": 12, "note": "text", "flag": True, "bad": float("nan"),
+               **{f"extra{i:02d}": i for i in range(20)}}
+    report = {"stage": "sft", "step": 3, "figures": figures}
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=report, children_exist=True))
+    kept = plan.status["progress"]["figures"]
+    assert len(kept) == 16 and all(isinstance(v, float) for v in kept.values())
+    assert {"rewardMean": 0.42, "kl": 0.05, "forcedVerdicts": 12.0}.items() <= kept.items()
+    assert not {"note", "flag", "bad"} & kept.keys()
+    JobStatus.model_validate({"progress": plan.status["progress"]})  # what the CRD schema admits
 
 
 def failing(obj: dict, *pods: dict, now: datetime = NOW, attempt: int = 1) -> Plan:

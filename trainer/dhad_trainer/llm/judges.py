@@ -5,7 +5,10 @@ calls an OpenAI-compatible endpoint through `dhad_trainer.llm.client`. Both ask 
 expect a short rationale ending in `[[A]]`, `[[B]]` or `[[تعادل]]`, and parse leniently (bracketed,
 labelled or JSON verdicts, Arabic or Latin letters; the last verdict wins). A refused or unparseable
 answer is asked again up to `max_attempts` times, then reported with that status so the caller can
-count and skip it. Both also satisfy the evaluation's `Judge` protocol through `compare()`.
+count and skip it. A constrained local judge replaces an answer without a verdict by a likelihood
+comparison; that judgement has its own status, FORCED, so no caller can mistake it for the judge's
+answer (it agrees with itself in both orders by construction). Both judges also satisfy the
+evaluation's `Judge` protocol through `compare()`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ DEFAULT_CONSTITUTION = ASSETS / "constitution_ar.md"
 JUDGE_API_KEY_ENV = "DHAD_JUDGE_API_KEY"  # the runtime puts judge.endpoint.apiKeySecretRef's value here
 PROMPT_VERSION = "v1"  # part of every cache key: a new prompt must not reuse old verdicts
 
-OK, UNPARSEABLE, REFUSED, ERROR = "ok", "unparseable", "refused", "error"
+OK, UNPARSEABLE, REFUSED, ERROR, FORCED = "ok", "unparseable", "refused", "error", "forced"
+STATUSES = (OK, FORCED, UNPARSEABLE, REFUSED, ERROR)
 
 _LETTER = r"(A|B|أ|ب|tie|draw|equal|تعادل|متعادلتان|متساويتان)"
 _VERDICT_PATTERNS = (
@@ -60,13 +64,19 @@ PROMPTS = {
 
 @dataclass
 class Judgement:
-    """One comparison: `verdict` is "A", "B", "tie" or None; `requests` counts model/endpoint calls made."""
+    """One comparison: `verdict` is "A", "B", "tie" or None; `requests` counts model/endpoint calls made.
+    `forced` is True exactly when status is FORCED (kept as a field for readers of cached judgements)."""
 
     verdict: str | None
     status: str
     rationale: str = ""
     requests: int = 0
     forced: bool = False
+
+
+def status_of(judgement: dict) -> str:
+    """The status of a judgement read back as a dict; judgements cached before FORCED existed said ok + forced."""
+    return FORCED if judgement.get("forced") else judgement["status"]
 
 
 def load_constitution(text: str | None = None) -> str:
@@ -170,9 +180,10 @@ class EndpointJudge(_Judge):
 
 
 class ModelJudge(_Judge):
-    """A local causal LM as judge. With `constrained`, an answer without a verdict (small local judges rarely
-    keep the format) gets one from the judge model's likelihood of each response given the prompt, which
-    does not depend on the order the two are shown in, so position-bias control can keep the pair."""
+    """A local causal LM as judge. With `constrained`, an answer that still holds no verdict after the last
+    attempt (small local judges rarely keep the format) gets one from the judge model's likelihood of each
+    response given the prompt, with status FORCED: it is not the judge's answer and does not depend on the
+    order the two are shown in, so callers count it apart and never as evidence of consistency."""
 
     def __init__(self, model_dir: str | Path, *, constrained: bool = True, batch_size: int = 8,
                  device: str = "cpu", dtype: str = "auto", **kw) -> None:
@@ -193,7 +204,7 @@ class ModelJudge(_Judge):
     def _answer(self, items, attempt, final):
         out = []
         for start in range(0, len(items), self.batch_size):
-            out.extend(self._answer_batch(items[start:start + self.batch_size], attempt))
+            out.extend(self._answer_batch(items[start:start + self.batch_size], attempt, final))
         return out
 
     def _render(self, messages: list[dict]) -> str:
@@ -201,7 +212,7 @@ class ModelJudge(_Judge):
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
-    def _answer_batch(self, items, attempt):
+    def _answer_batch(self, items, attempt, final):
         import torch
 
         prompts = [self._render(self._messages(it)) for it in items]
@@ -216,8 +227,8 @@ class ModelJudge(_Judge):
         for item, text in zip(items, texts, strict=True):
             verdict, status = parse_verdict(text)
             judgement = Judgement(verdict, status, text, requests=1)
-            if status == UNPARSEABLE and self.constrained:
-                judgement = Judgement(self._forced(item), OK, text, requests=1, forced=True)
+            if status == UNPARSEABLE and self.constrained and final:  # earlier attempts ask again
+                judgement = Judgement(self._forced(item), FORCED, text, requests=1, forced=True)
             out.append(judgement)
         return out
 

@@ -90,7 +90,8 @@ def run_demo(workdir: Path) -> int:
         session = Session(workdir, s3.env())
         titles = {"pretrain": "1. continued pre-training (data prep, vocabulary expansion, 2 nodes)",
                   "sft": "2. supervised fine-tuning on Arabic instructions (2 nodes)",
-                  "rlaif": "3. RLAIF: feedback (judge under the Arabic constitution) -> reward model -> GRPO policy",
+                  "rlaif": "3. RLAIF: feedback (a tiny local judge that writes no verdict: every verdict is a forced "
+                           "likelihood choice, kept by useForcedVerdicts) -> reward model -> PPO policy",
                   "eval": "4. evaluation on samples of ACVA, Arabic MMLU, EXAMs, Vicuna-80, AlpacaEval"}
         statuses = {}
         for name, title in titles.items():

@@ -1,7 +1,8 @@
 """The runtime's TrainerCallbacks, which every stage gets through `StageRun.callbacks`.
 
 - CheckpointCallback: each HF `checkpoint-N` save is published to the object store in the background.
-- ProgressCallback: step, loss, tokens/s and ETA go to the progress reporter (rank 0).
+- ProgressCallback: step, loss, tokens/s and ETA go to the progress reporter (rank 0), with the stage's own
+  figures (FIGURES: the policy's reward, KL and response length, the feedback's judgement counts).
 - PreemptionCallback: after SIGTERM every rank agrees to save once more and stop.
 - TestHooks: faults for tests (DHAD_TEST_CRASH_AT_STEP), honoured only when set.
 - WeightsDigest: each rank's sha256 of its final weights, for tests that two ranks trained one model
@@ -25,6 +26,19 @@ from dhad_trainer.runtime.progress import ProgressReporter
 from dhad_trainer.storage.checkpoints import AsyncPublisher
 
 log = logging.getLogger(__name__)
+
+# log key -> progress `figures` key. Policy (TRL's GRPO/RLOO names, which Dhad's PPO logs too) and feedback.
+FIGURES = {
+    "reward": "rewardMean", "reward_std": "rewardStd", "kl": "kl", "completions/mean_length": "responseLength",
+    "kl_coefficient": "klCoefficient", "judgements": "judgements", "verdicts": "verdicts", "forced": "forcedVerdicts",
+    "unparseable": "unparseable", "refused": "refused", "errors": "judgeErrors", "agreement_rate": "agreementRate",
+    "train_pairs": "trainPairs",
+}
+
+
+def figures_of(logs: dict) -> dict[str, float]:
+    return {name: round(float(logs[key]), 6) for key, name in FIGURES.items()
+            if isinstance(logs.get(key), int | float) and not isinstance(logs.get(key), bool)}
 
 
 class CheckpointCallback(TrainerCallback):
@@ -72,7 +86,12 @@ class ProgressCallback(TrainerCallback):
         return state.global_step * (self.tokens_per_step or 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.cluster.is_main or not logs or "loss" not in logs or self._last is None or self._start is None:
+        if not self.cluster.is_main or not logs:
+            return
+        figures = figures_of(logs)
+        if figures and self.reporter is not None:
+            self.reporter.update(figures=figures)
+        if "loss" not in logs or self._last is None or self._start is None:
             return  # the end-of-training summary has no loss of its own
         now, tokens = time.monotonic(), self._tokens(state)
         t0, s0, k0 = self._last
@@ -85,8 +104,9 @@ class ProgressCallback(TrainerCallback):
         loss = logs["loss"]
         if rate is not None:
             logs.setdefault("tokens_per_second", round(rate, 1))
-        log.info("step %d/%d loss %s lr %s tokens/s %s eta %ss", state.global_step, state.max_steps, loss,
-                 logs.get("learning_rate"), None if rate is None else round(rate), eta)
+        log.info("step %d/%d loss %s lr %s tokens/s %s eta %ss%s", state.global_step, state.max_steps, loss,
+                 logs.get("learning_rate"), None if rate is None else round(rate), eta,
+                 "".join(f" {k} {v:.4g}" for k, v in figures.items()))
         if self.reporter is not None:
             self.reporter.update(step=state.global_step, totalSteps=state.max_steps or None,
                                  epoch=round(state.epoch, 4) if state.epoch is not None else None,

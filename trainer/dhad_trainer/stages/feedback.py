@@ -2,7 +2,10 @@
 constitution, keep the pairs it prefers consistently.
 
 Each pair is judged in both orders (A/B swapped) to control position bias: only pairs whose two
-verdicts name the same winner are kept; the order-swap agreement rate is reported. Prompts are split
+verdicts name the same winner are kept; the order-swap agreement rate is reported. A local judge's
+forced (likelihood) verdicts are counted apart, never enter the agreement rate (they agree in both
+orders by construction) and make pairs only when feedback.useForcedVerdicts asks. Every judgement has
+exactly one outcome and the counts add up (see `judge_pairs`). Prompts are split
 into train and held-out by a hash of the prompt. Samples and judgements go to append-only shard caches
 in output_dir/cache, keyed by a hash of their inputs. The cache is checkpointed like a Trainer's state
 (after sampling, then every checkpoint.intervalSteps rounds of JUDGE_BATCH judgements per rank) and
@@ -19,11 +22,13 @@ import json
 import logging
 from collections import Counter
 from itertools import combinations
+from types import SimpleNamespace
 
 from dhad_api.stages import Feedback, PairSelection
 from dhad_trainer.data.conversations import load_prompts
 from dhad_trainer.llm.judges import (
     ERROR,
+    FORCED,
     OK,
     REFUSED,
     UNPARSEABLE,
@@ -31,6 +36,7 @@ from dhad_trainer.llm.judges import (
     ModelJudge,
     endpoint_config,
     render_question,
+    status_of,
 )
 from dhad_trainer.stages.alignment import (
     CACHE_DIR,
@@ -54,8 +60,11 @@ from dhad_trainer.stages.base import StageResult, StageRun
 log = logging.getLogger("dhad.feedback")
 SAMPLE_BATCH = 8  # prompts per generate() call
 JUDGE_BATCH = 64  # judgements per round (one cache shard); a checkpoint "step" is one round
-COUNTS = ("prompts", "samples", "pairs", "identical", "judgements", "judge_calls", "cached_hits", "unparseable",
-          "refused", "errors", "forced", "skipped", "pairs_judged", "agreed", "disagreed", "ties")
+COUNTS = ("prompts", "samples", "pairs", "identical", "judgements", "judge_calls", "cached_hits", "verdicts", "forced",
+          "unparseable", "refused", "errors", "pairs_judged", "agreed", "disagreed", "ties", "forced_pairs",
+          "forced_pairs_kept", "skipped")
+OUTCOME = "outcome/"  # judgement-unit counters, merged over ranks like the others
+JUDGEMENT_COUNTER = {OK: "verdicts", FORCED: "forced", UNPARSEABLE: "unparseable", REFUSED: "refused", ERROR: "errors"}
 
 
 def run(run: StageRun) -> StageResult:
@@ -84,8 +93,18 @@ def run(run: StageRun) -> StageResult:
     metrics: dict = {}
     if run.is_main:
         metrics = write_outputs(run, entries, gathered, prompt_counts)
+        report_figures(run, checkpoints.step, metrics)
     barrier(run)
     return StageResult(metrics=metrics, model_dir=run.output_dir)  # the runtime uploads it: pairs for the next stages
+
+
+def report_figures(run: StageRun, step: int, metrics: dict) -> None:
+    """The judgement counts to the runtime's callbacks as a Trainer's on_log sends logs: progress shows them."""
+    from transformers import TrainerControl, TrainerState
+
+    args = SimpleNamespace(output_dir=str(run.trainer_dir), should_save=run.is_main)
+    for callback in run.callbacks:
+        callback.on_log(args, TrainerState(global_step=step), TrainerControl(), logs=dict(metrics))
 
 
 def agreed_max(run: StageRun, n: int) -> int:
@@ -165,7 +184,13 @@ def make_judge(run: StageRun, fb: Feedback):
 def judge_pairs(judge, fb: Feedback, entries: list[dict], samples: dict, cache: ShardCache,
                 rounds=lambda n: n, after_round=lambda done: None) -> tuple[list[dict], Counter]:
     """Judge every selected pair in both orders, JUDGE_BATCH judgements a round (a checkpoint "step"),
-    cached as it goes; keep the pairs whose two verdicts name the same winner."""
+    cached as it goes; keep the pairs whose two verdicts name the same winner.
+
+    Each judgement is one of verdicts (the judge's own), forced, unparseable, refused or errors, so
+    judgements = verdicts + forced + unparseable + refused + errors. Each pair of distinct responses is one
+    of pairs_judged (two own verdicts: agreed, disagreed or ties), forced_pairs (every judgement decided, at
+    least one forced) or skipped, so pairs = identical + pairs_judged + forced_pairs + skipped.
+    `judgements_by_outcome` restates where every judgement went, in judgement units, with the same total."""
     stats = Counter(prompts=len(entries), samples=sum(len(samples[e["id"]]) for e in entries))
     jobs = []
     for e in entries:
@@ -190,30 +215,41 @@ def judge_pairs(judge, fb: Feedback, entries: list[dict], samples: dict, cache: 
         cache.put_many({keys[n]: d for n, d in done.items() if d["status"] != ERROR})
         after_round(r + 1)
     judged = [uncached.get(n) or cache.get(key) for n, key in enumerate(keys)]
+    outcomes = Counter()
     records = []
     for m, (e, a, b) in enumerate(jobs):
         first, second = judged[2 * m], judged[2 * m + 1]
-        for j in (first, second):
-            stats[{OK: "ok", UNPARSEABLE: "unparseable", REFUSED: "refused", ERROR: "errors"}[j["status"]]] += 1
-            stats["forced"] += bool(j.get("forced"))
-        if first["status"] != OK or second["status"] != OK:
-            stats["skipped"] += 1
-            continue
-        stats["pairs_judged"] += 1
+        statuses = (status_of(first), status_of(second))
+        for status in statuses:
+            stats[JUDGEMENT_COUNTER[status]] += 1
         win_first = {"A": a, "B": b}.get(first["verdict"])
         win_second = {"A": b, "B": a}.get(second["verdict"])  # second order shows b as A
-        if win_first is None and win_second is None:
-            stats["ties"] += 1
-        elif win_first != win_second:
-            stats["disagreed"] += 1
+        consistent = win_first is not None and win_first == win_second
+        if statuses == (OK, OK):
+            stats["pairs_judged"] += 1
+            outcome = "tie" if win_first is None and win_second is None else "agreed" if consistent else "disagreed"
+            stats[{"tie": "ties", "agreed": "agreed", "disagreed": "disagreed"}[outcome]] += 1
+            outcomes[outcome] += 2
+            keep = outcome == "agreed"
+        elif set(statuses) <= {OK, FORCED}:
+            stats["forced_pairs"] += 1
+            keep = consistent and fb.use_forced_verdicts
+            stats["forced_pairs_kept"] += keep
+            outcomes["forced"] += statuses.count(FORCED)
+            outcomes["verdict_beside_forced"] += statuses.count(OK)
         else:
-            stats["agreed"] += 1
+            stats["skipped"] += 1
+            keep = False
+            for status in statuses:
+                outcomes[status if status != OK else "verdict_beside_failure"] += 1
+        if keep:
             loser = b if win_first == a else a
             records.append({"prompt_id": e["id"], "split": e["split"], "prompt": e["prompt"],
                             "chosen": [{"role": "assistant", "content": win_first}],
                             "rejected": [{"role": "assistant", "content": loser}],
-                            "rationale": [first["rationale"], second["rationale"]], "judge": judge.identity})
-    stats.pop("ok", None)
+                            "rationale": [first["rationale"], second["rationale"]], "judge": judge.identity,
+                            "forced": FORCED in statuses})
+    stats.update({OUTCOME + name: n for name, n in outcomes.items()})
     return records, stats
 
 
@@ -228,7 +264,10 @@ def write_outputs(run: StageRun, entries: list[dict], gathered: list, prompt_cou
         write_jsonl(out / PROMPTS_DIR / f"{split}.jsonl",
                     ({"prompt_id": e["id"], "prompt": e["prompt"]} for e in entries if e["split"] == split))
     metrics = {name: total[name] for name in COUNTS}
+    metrics["judgements_by_outcome"] = {k[len(OUTCOME):]: v for k, v in sorted(total.items()) if k.startswith(OUTCOME)}
+    # the judge's own verdicts only: forced ones agree with themselves in both orders by construction
     metrics["agreement_rate"] = ((total["agreed"] + total["ties"]) / total["pairs_judged"]) if total["pairs_judged"] else None
+    metrics["forced_share"] = total["forced"] / total["judgements"] if total["judgements"] else None
     metrics["train_pairs"] = sum(r["split"] == TRAIN for r in records)
     metrics["heldout_pairs"] = sum(r["split"] == HELD_OUT for r in records)
     metrics["train_prompts"] = sum(e["split"] == TRAIN for e in entries)
@@ -239,4 +278,9 @@ def write_outputs(run: StageRun, entries: list[dict], gathered: list, prompt_cou
     metrics["prompt_sources"] = prompt_counts
     (out / STATS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
     log.info("feedback: %s", {k: v for k, v in metrics.items() if k != "prompt_sources"})
+    if total["forced"]:
+        log.warning("feedback: %d of %d judgements are forced likelihood verdicts, not the judge's answers (it wrote no "
+                    "verdict); they are left out of the agreement rate and %s", total["forced"], total["judgements"],
+                    "kept as pairs (feedback.useForcedVerdicts)" if run.spec.feedback.use_forced_verdicts
+                    else "of the pairs (feedback.useForcedVerdicts is false)")
     return metrics
