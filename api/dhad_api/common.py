@@ -12,8 +12,22 @@ from pydantic import Field, StrictBool, StringConstraints
 
 from dhad_api.base import DhadModel, Rule, RuledModel
 
-S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^@\s]*)?$"
-MODEL_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^@\s]*)?|hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?(@[A-Za-z0-9._/-]+)?|/[^\s]*)$"
+# URI grammar, one piece per part so every URI field checks s3:// and hf:// alike (RE2 and pydantic's
+# regex both lack lookahead, so "not . or .." is spelled out): a bucket is 3-63 lowercase DNS
+# characters; a key is segments of non-space characters without "@" (no inline credentials), none of
+# them "." or "..", and no empty segment except a trailing "/" (a prefix).
+_BUCKET = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+_SEGMENT = r"([^./@\s][^/@\s]*|\.[^./@\s][^/@\s]*|\.\.[^/@\s]+)"
+_S3 = rf"s3://{_BUCKET}(/{_SEGMENT})*/?"
+_HF = r"hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?(@[A-Za-z0-9._/-]+)?"
+# A path in the container or on the local-mode machine (absolute or relative, globs allowed, spaces
+# inside allowed: a clone may live under one), or file:// and an absolute path. No ":" anywhere, so a
+# misspelt or unknown scheme (S3://, gs://, s3:/b) is not taken for a path.
+_LOCAL = r"[^:\s]([^:]*[^:\s])?"
+_FILE = r"file:///([^:]*[^:\s])?"
+S3_URI = rf"^{_S3}$"
+MODEL_URI = rf"^({_S3}|{_HF}|/[^\s]*)$"
+DATA_URI = rf"^({_S3}|{_HF}|{_FILE}|{_LOCAL})$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi)?$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -25,6 +39,8 @@ CAPABILITY = r"^(CAP_)?[A-Z][A-Z_]*[A-Z]$"
 
 S3Uri = Annotated[str, StringConstraints(pattern=S3_URI, max_length=1024)]
 ModelUri = Annotated[str, StringConstraints(pattern=MODEL_URI, max_length=1024)]
+# A dataset, prompt set, corpus or benchmark folder: s3:// (prefixes and globs), hf://, file:// or a path.
+DataUri = Annotated[str, StringConstraints(pattern=DATA_URI, min_length=1, max_length=1024)]
 DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL, min_length=1, max_length=63)]
 Quantity = Annotated[str, StringConstraints(pattern=QUANTITY, max_length=32)]
 ShortText = Annotated[str, StringConstraints(max_length=253)]

@@ -24,6 +24,7 @@ from dhad_operator.render import (
     static_children,
     training_job,
 )
+from tests.conftest import in_ci
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = sorted((REPO / "examples" / "tiny").glob("*.yaml"))
@@ -328,12 +329,28 @@ def golden_children() -> str:
 
 
 def test_golden_sft_children():
+    """DHAD_UPDATE_GOLDEN=1 rewrites the file on a developer's machine and fails the run, so the change is
+    reviewed (git diff) and the test passes only on a run that compares; CI never rewrites it."""
     text = golden_children()
     if os.environ.get("DHAD_UPDATE_GOLDEN") == "1":
+        if in_ci():
+            pytest.fail("DHAD_UPDATE_GOLDEN is set under CI: the golden file is compared in CI, never rewritten")
+        changed = not GOLDEN.exists() or GOLDEN.read_text() != text
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(text)
+        pytest.fail(f"golden file {'rewritten' if changed else 'unchanged'}: review `git diff {GOLDEN.name}`, "
+                    "then run again without DHAD_UPDATE_GOLDEN")
     assert GOLDEN.exists(), "run with DHAD_UPDATE_GOLDEN=1 to write the golden file"
     assert GOLDEN.read_text() == text, "rendered children changed: review, then regenerate with DHAD_UPDATE_GOLDEN=1"
+
+
+def test_ci_refuses_to_rewrite_the_golden_file(monkeypatch):
+    before = GOLDEN.read_bytes()
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setenv("DHAD_UPDATE_GOLDEN", "1")
+    with pytest.raises(pytest.fail.Exception, match="never rewritten"):
+        test_golden_sft_children()
+    assert GOLDEN.read_bytes() == before
 
 
 def test_every_env_name_the_operator_sets_is_reserved_in_the_api():
