@@ -44,7 +44,10 @@ def _checked_not_called() -> set[audit.Call]:
     from dhad_operator.render import Owner, progress_objects
 
     (role,) = [o for o in progress_objects(Owner("SFTJob", "j", "ns", "uid")) if o["kind"] == "Role"]
-    return {("dhad.dev", "jobs/finalizers", "update")} | audit.expand(role["rules"])
+    read_after_conflict = {(group, resource, "get") for group, resource in  # Kube.create reads a child only on a 409
+                           (("batch", "jobs"), ("", "services"), ("", "serviceaccounts"),
+                            ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings"))}
+    return {("dhad.dev", "jobs/finalizers", "update")} | audit.expand(role["rules"]) | read_after_conflict
 
 
 @dataclass
@@ -168,8 +171,13 @@ def test_helm_upgrade_wait_with_changed_values_rolls_out_and_the_new_operator_se
                         "--set", f"trainer.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn={role}",
                         "--wait", "--timeout", "150s", check=False, timeout=180)
     assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{install.logs()}"
-    after = install.operator_pods()
-    assert len(after) == 2 and all(_ready(p) for p in after) and not before & {p.metadata.name for p in after}
+    # helm's --wait counts a Deployment ready at replicas - maxUnavailable; the second new pod follows
+    def both_ready():
+        pods = install.operator_pods()
+        return pods if len(pods) == 2 and all(_ready(p) for p in pods) else None
+
+    after = wait_for(both_ready, 60, "both new operator pods Ready")
+    assert not before & {p.metadata.name for p in after}
     # the new operator reconciles: a job applied now succeeds and its ServiceAccount has the new annotation
     apply(kube, install.jobs, tiny("sft", resources=ONE_GPU, podTemplate=FINISH), "after-upgrade")
     sa = wait_for(lambda: client.CoreV1Api(kube).read_namespaced_service_account("after-upgrade-sft-trainer", install.jobs),
