@@ -86,7 +86,8 @@ def test_kubectl_apply_trains_across_two_pods_and_survives_a_killed_pod(
     assert len(resumed) == 2 and len(set(resumed)) == 1, log[-3000:]  # each node's leader fetches the same one
     checkpoint, step = resumed[0][0], int(resumed[0][1])
     # the newest checkpoint when the pod died: at least the one attempt 1 had reported, short of the end
-    assert step % 4 == 0 and step_of(first["lastCheckpoint"]) <= step < 16, (checkpoint, first)
+    # (an interval's, or the one the deleted pod's SIGTERM saved at whatever step it had reached)
+    assert step_of(first["lastCheckpoint"]) <= step < 16, (checkpoint, first)
     assert checkpoint.startswith(f"s3://{s3_bucket}/{namespace}/"), checkpoint
     logged = [int(n) for n in re.findall(r"\bstep (\d+)/16 loss", log)]
     assert logged == list(range(step + 2, 17, 2)), log[-3000:]  # every step after it, once, in order
