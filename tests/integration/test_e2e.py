@@ -90,7 +90,8 @@ def test_kubectl_apply_trains_across_two_pods_and_survives_a_killed_pod(
     assert step_of(first["lastCheckpoint"]) <= step < 16, (checkpoint, first)
     assert checkpoint.startswith(f"s3://{s3_bucket}/{namespace}/"), checkpoint
     logged = [int(n) for n in re.findall(r"\bstep (\d+)/16 loss", log)]
-    assert logged == list(range(step + 2, 17, 2)), log[-3000:]  # every step after it, once, in order
+    # every logged step (each 2nd) after the resumed one, once, in order: a SIGTERM checkpoint may be odd
+    assert logged == [n for n in range(2, 17, 2) if n > step], log[-3000:]
     assert status["progress"]["step"] == 16 and step_of(status["lastCheckpoint"]) == 16
     bucket, key = split_s3(status["lastCheckpoint"])
     state = json.loads(s3_server.client().get_object(bucket, f"{key}/node-0/trainer_state.json").read())
