@@ -370,6 +370,36 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+TARGETS = (  # issue 17: dhad-queued (Jobs suspended, like the floors') against the kopf floor of the same run
+    ("all Jobs exist", "all_jobs", "ratio", 1.3),
+    ("p99 CR-to-Job", "p99", "ratio", 1.5),
+    ("operator CPU s at all Jobs", "cpu_jobs", "ratio", 1.3),
+    ("operator CPU s settled", "cpu", "ratio", 1.3),
+    ("API requests/job settled", "req_per_job", "absolute", 12),
+    ("idle requests/s", "idle", "absolute", 1),
+    ("peak RSS MB", "rss", "absolute", 200),
+)
+
+
+def targets(results: list[dict]) -> str:
+    """Each target as the issue defines it, for dhad-queued, with the non-queued dhad beside it."""
+    by = {r["label"]: r for r in results}
+    kopf, queued, plain = by.get("kopf"), by.get("dhad-queued"), by.get("dhad")
+    if not queued or not kopf:
+        return "(targets need the kopf floor and dhad-queued in the same run)"
+    rows = ["| target | dhad-queued | dhad (pods created) | limit | met |", "|---|---|---|---|---|"]
+    def value(r: dict | None, key: str, how: str) -> float:
+        if r is None:
+            return float("nan")
+        return r[key] / kopf[key] if how == "ratio" and kopf[key] else r[key]
+
+    for title, key, how, limit in TARGETS:
+        unit = "x kopf" if how == "ratio" else ""
+        ours, beside = value(queued, key, how), value(plain, key, how)
+        rows.append(f"| {title} | {ours:.2f}{unit} | {beside:.2f}{unit} | {limit}{unit} | {'yes' if ours <= limit else 'NO'} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=500, help="CRs per operator")
@@ -412,6 +442,8 @@ def main() -> int:
         print(f"\nN={args.n}, {args.threads} load threads; requests = APF flow schema '{FLOW_SCHEMA}' (the operator only), "
               f"settled = quiet for {args.quiet:.0f} s (at most {args.settle:.0f} s after the last Job); idle = the {args.idle:.0f} s after; load average now {os.getloadavg()[0]:.1f}\n")
         print(table(results))
+        print("\nIssue 17's targets (ratios against the kopf floor measured in this run):\n")
+        print(targets(results))
     finally:
         cp.stop()
         if not args.keep:

@@ -22,30 +22,55 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 mkdir -p "$bin" "$GOMODCACHE" "$GOCACHE"
 
-# Builds command $2 of wrapper module $1 into $bin/$3 unless it is there already.
+# Builds the commands of one wrapper module into $bin in ONE `go build` (its packages compile once and
+# the links run side by side), skipping the ones already there. Args: module, ldflags, then pkg=out pairs.
 build() {
-  local module="$1" pkg="$2" out="$3" ldflags="${4:-}"
-  if [ -x "$bin/$out" ]; then return 0; fi
-  local start=$SECONDS
-  echo "build-control-plane: building $out ($pkg)" >&2
-  if ! (cd "$mods/$module" && go build -trimpath -ldflags "-s -w $ldflags" -o "$bin/$out.tmp" "$pkg"); then
-    echo "build-control-plane: 'go build $pkg' failed; is the Go module proxy reachable (GOPROXY=$(go env GOPROXY))?" >&2
-    rm -f "$bin/$out.tmp"
-    exit 4
+  local module="$1" ldflags="$2" pkgs=() outs=() pair
+  shift 2
+  for pair in "$@"; do
+    if [ ! -x "$bin/${pair#*=}" ]; then pkgs+=("${pair%%=*}"); outs+=("${pair#*=}"); fi
+  done
+  [ "${#pkgs[@]}" -gt 0 ] || return 0
+  local start=$SECONDS tmp="$bin/.tmp-$module"
+  echo "build-control-plane: building ${outs[*]}" >&2
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  if ! (cd "$mods/$module" && go build -trimpath -ldflags "-s -w $ldflags" -o "$tmp/" "${pkgs[@]}"); then
+    echo "build-control-plane: 'go build ${pkgs[*]}' failed; is the Go module proxy reachable (GOPROXY=$(go env GOPROXY))?" >&2
+    rm -rf "$tmp"
+    return 4
   fi
-  mv "$bin/$out.tmp" "$bin/$out"
-  echo "build-control-plane: built $out in $((SECONDS - start)) s" >&2
+  local i name
+  for i in "${!pkgs[@]}"; do  # go build -o DIR/ names a binary after its path's last element, not /vN
+    name="$(basename "${pkgs[$i]}")"
+    [[ "$name" =~ ^v[0-9]+$ ]] && name="$(basename "$(dirname "${pkgs[$i]}")")"
+    mv "$tmp/$name" "$bin/${outs[$i]}"
+  done
+  rm -rf "$tmp"
+  echo "build-control-plane: built ${outs[*]} in $((SECONDS - start)) s" >&2
 }
 
 minor="${KUBE_VERSION#v1.}"; minor="${minor%%.*}"
 kver="-X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1"
 kver="$kver -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
-build kube k8s.io/kubernetes/cmd/kube-apiserver kube-apiserver "$kver"
-build kube k8s.io/kubernetes/cmd/kube-controller-manager kube-controller-manager "$kver"
-build kube k8s.io/kubernetes/cmd/kube-scheduler kube-scheduler "$kver"
-build etcd go.etcd.io/etcd/server/v3 etcd
-build kwok sigs.k8s.io/kwok/cmd/kwok kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
-build helm helm.sh/helm/v3/cmd/helm helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+# Two lanes for two cores: Kubernetes (the longest) beside etcd, kwok and helm; each lane is idempotent.
+lanes="$(mktemp -d)"
+trap 'rm -rf "$lanes"' EXIT
+kube_lane() {
+  build kube "$kver" k8s.io/kubernetes/cmd/kube-apiserver=kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager=kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler=kube-scheduler
+}
+other_lane() {
+  build etcd "" go.etcd.io/etcd/server/v3=etcd || return
+  build kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok=kwok || return
+  build helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm=helm
+}
+( if kube_lane; then echo 0; else echo $?; fi > "$lanes/kube" ) &
+( if other_lane; then echo 0; else echo $?; fi > "$lanes/others" ) &
+wait
+for lane in kube others; do
+  rc="$(cat "$lanes/$lane" 2>/dev/null || echo 1)"
+  [ "$rc" -eq 0 ] || exit "$rc"
+done
 
 # kwok's Stage definitions (node heartbeat, pod ready/complete/delete) ship in its module.
 if [ ! -d "$bin/kwok-stages" ]; then

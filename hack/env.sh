@@ -2,13 +2,30 @@
 DHAD_CACHE="${DHAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dhad}"
 export DHAD_CACHE
 export UV_CACHE_DIR="${UV_CACHE_DIR:-$DHAD_CACHE/uv}"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$DHAD_CACHE/torch-extensions}"
 export HF_HOME="${HF_HOME:-$DHAD_CACHE/hf}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TOKENIZERS_PARALLELISM=false
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 UV_VERSION=0.13.8
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$repo/.venv"
+
+# DeepSpeed compiles its ops (cpu_adam, fused_adam, shm comm) at first use, 1-2 min each on 2 cores:
+# they are cached outside the clone, one folder per Python/torch/DeepSpeed version and venv. torch's JIT
+# rebuilds an op whenever its source path changes, and each venv has its own copy of DeepSpeed's
+# sources, so clones or worktrees sharing one folder rebuilt each other's ops on every run (seen: 113 s
+# in one test's setup). Versions come from the venv's metadata (no Python start-up).
+torch_extensions_dir() {
+  local site="$venv/lib/python3.11/site-packages" torch deepspeed where
+  torch="$(cd "$site" 2>/dev/null && ls -d torch-*.dist-info 2>/dev/null | head -1)"
+  deepspeed="$(cd "$site" 2>/dev/null && ls -d deepspeed-*.dist-info 2>/dev/null | head -1)"
+  torch="${torch#torch-}"; deepspeed="${deepspeed#deepspeed-}"
+  where="$(printf %s "$venv" | sha256sum | cut -c1-8)"
+  echo "$DHAD_CACHE/torch-extensions/py311-torch${torch%.dist-info}-deepspeed${deepspeed%.dist-info}-venv$where"
+}
+if [ -z "${DHAD_USER_TORCH_EXTENSIONS_DIR+x}" ]; then
+  DHAD_USER_TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-}"
+fi
+export TORCH_EXTENSIONS_DIR="${DHAD_USER_TORCH_EXTENSIONS_DIR:-$(torch_extensions_dir)}"
 
 # Installs uv (once, into the cache) and the project with every extra into .venv (seconds when warm).
 ensure_venv() {
@@ -22,4 +39,5 @@ ensure_venv() {
     "$uv" venv -q --python 3.11 "$venv"
   fi
   "$uv" pip install -q -p "$venv/bin/python" -e "$repo[operator,trainer,local,dev]"
+  export TORCH_EXTENSIONS_DIR="${DHAD_USER_TORCH_EXTENSIONS_DIR:-$(torch_extensions_dir)}"  # versions now known
 }

@@ -2,11 +2,18 @@
 
 Started once per test session (they cost seconds, and the garbage collector discovers new CRDs only
 after a delay), torn down even when tests fail. Each test gets its own namespace and S3 prefix.
+
+Markers: `cluster`, `s3` and `torchrun` say which real parts a test starts (a test that asks for the
+control plane or the S3 server without its marker is a collection error, so `-m unit` never starts
+one); every other test is marked `unit`, those are `integration`. `benchmarks` tests read the real
+AceGPT files: where they are absent the tests are skipped, and under CI they fail instead.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,12 +21,66 @@ from pathlib import Path
 
 import pytest
 
+from dhad_trainer.evaluation.loaders import BENCHMARKS_ENV, acegpt_files
 from tests.harness.controlplane import ControlPlane, control_plane_bin
 from tests.harness.kwok import create_gpu_nodes, start_kwok
 from tests.harness.s3 import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO.parent / "shared" / "benchmarks" / "acegpt"
+if not os.environ.get("TORCH_EXTENSIONS_DIR"):  # pytest run without hack/env.sh: the same op cache it names
+    os.environ["TORCH_EXTENSIONS_DIR"] = subprocess.run(
+        ["bash", "-c", 'source hack/env.sh && printf %s "$TORCH_EXTENSIONS_DIR"'], cwd=REPO, capture_output=True,
+        text=True, check=True).stdout
+# The real AceGPT files ($DHAD_BENCHMARKS, else ../shared/benchmarks/acegpt), or None on this machine.
+BENCHMARKS = acegpt_files(REPO)
+# Where `benchmarks` tests read them (the gate below keeps those tests from running when they are absent).
+ACEGPT = BENCHMARKS or REPO.parent / "shared" / "benchmarks" / "acegpt"
+# Which real part each marker stands for, by the session fixture that starts it.
+REAL_PARTS = {"cluster": "control_plane", "s3": "s3_server"}
+INTEGRATION = ("cluster", "s3", "torchrun")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks unit/integration from the real-part markers, and refuses a test whose fixtures start a
+    real part its markers do not name (it would slip into the fast loop)."""
+    wrong = []
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for marker, fixture in REAL_PARTS.items():
+            if fixture in names and item.get_closest_marker(marker) is None:
+                wrong.append(f"{item.nodeid} uses {fixture} but is not marked {marker}")
+        integration = any(item.get_closest_marker(m) for m in INTEGRATION)
+        item.add_marker(pytest.mark.integration if integration else pytest.mark.unit)
+    if wrong:
+        raise pytest.UsageError("tests start real parts their markers do not name:\n  " + "\n  ".join(wrong))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("benchmarks") and BENCHMARKS is None:
+        why = (f"needs the AceGPT benchmark files: set {BENCHMARKS_ENV} to their folder "
+               f"(or put them at {REPO.parent / 'shared' / 'benchmarks' / 'acegpt'})")
+        if in_ci():
+            pytest.fail(f"{why}; CI runs every test, so a missing input fails", pytrace=False)
+        pytest.skip(why)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Counts the tests that needed the real benchmark files, so a run without them shows it."""
+    outcomes: dict[str, int] = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if "benchmarks" in getattr(report, "keywords", {}) and getattr(report, "when", "call") in ("call", "setup"):
+                if outcome == "passed" and report.when != "call":
+                    continue
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    if outcomes:
+        where = BENCHMARKS or f"not found (set {BENCHMARKS_ENV})"
+        counts = ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items()))
+        terminalreporter.write_line(f"tests needing the AceGPT benchmark files (marker benchmarks, files {where}): {counts}")
 
 
 @pytest.fixture(scope="session")

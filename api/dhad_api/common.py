@@ -4,26 +4,49 @@ distribute, checkpoint and restart, where outputs go, and what platform teams ov
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StrictBool, StringConstraints
 
 from dhad_api.base import DhadModel, Rule, RuledModel
 
-S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^@\s]*)?$"
-MODEL_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^@\s]*)?|hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?(@[A-Za-z0-9._/-]+)?|/[^\s]*)$"
+# URI grammar, one piece per part so every URI field checks s3:// and hf:// alike (RE2 and pydantic's
+# regex both lack lookahead, so "not . or .." is spelled out): a bucket is 3-63 lowercase DNS
+# characters; a key is segments of non-space characters without "@" (no inline credentials), none of
+# them "." or "..", and no empty segment except a trailing "/" (a prefix).
+_BUCKET = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+_SEGMENT = r"([^./@\s][^/@\s]*|\.[^./@\s][^/@\s]*|\.\.[^/@\s]+)"
+_S3 = rf"s3://{_BUCKET}(/{_SEGMENT})*/?"
+_HF = r"hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?(@[A-Za-z0-9._/-]+)?"
+# A path in the container or on the local-mode machine (absolute or relative, globs allowed, spaces
+# inside allowed: a clone may live under one), or file:// and an absolute path. No ":" anywhere, so a
+# misspelt or unknown scheme (S3://, gs://, s3:/b) is not taken for a path.
+_LOCAL = r"[^:\s]([^:]*[^:\s])?"
+_FILE = r"file:///([^:]*[^:\s])?"
+S3_URI = rf"^{_S3}$"
+MODEL_URI = rf"^({_S3}|{_HF}|/[^\s]*)$"
+DATA_URI = rf"^({_S3}|{_HF}|{_FILE}|{_LOCAL})$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi)?$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# A Kubernetes qualified name: an optional DNS-subdomain prefix and "/", then a name (resource names,
+# annotation keys); the same pattern is a CEL rule on maps, whose keys the CRD schema cannot constrain.
+QUALIFIED_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+# Linux capabilities as Kubernetes writes them (IPC_LOCK), with or without the CAP_ prefix.
+CAPABILITY = r"^(CAP_)?[A-Z][A-Z_]*[A-Z]$"
 
 S3Uri = Annotated[str, StringConstraints(pattern=S3_URI, max_length=1024)]
 ModelUri = Annotated[str, StringConstraints(pattern=MODEL_URI, max_length=1024)]
+# A dataset, prompt set, corpus or benchmark folder: s3:// (prefixes and globs), hf://, file:// or a path.
+DataUri = Annotated[str, StringConstraints(pattern=DATA_URI, min_length=1, max_length=1024)]
 DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL, min_length=1, max_length=63)]
 Quantity = Annotated[str, StringConstraints(pattern=QUANTITY, max_length=32)]
 ShortText = Annotated[str, StringConstraints(max_length=253)]
 LabelValue = Annotated[str, StringConstraints(max_length=63)]
 AnnotationValue = Annotated[str, StringConstraints(max_length=4096)]
+QualifiedName = Annotated[str, StringConstraints(pattern=QUALIFIED_NAME, max_length=253)]
 
 # Env names the operator sets for torchrun and the trainer; a user value would break the wiring.
 RESERVED_ENV = (
@@ -31,9 +54,13 @@ RESERVED_ENV = (
     "NNODES", "NPROC_PER_NODE", "JOB_COMPLETION_INDEX",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
     "DHAD_STAGE", "DHAD_ATTEMPT", "DHAD_JOB_UID", "DHAD_JOB_FILE", "DHAD_NAMESPACE", "DHAD_PROGRESS_CONFIGMAP",
-    "DHAD_JUDGE_API_KEY", "DHAD_TEACHER_API_KEY", "HF_TOKEN",
+    "DHAD_JUDGE_API_KEY", "DHAD_TEACHER_API_KEY", "HF_TOKEN", "DHAD_WORK_DIR",
     "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "DHAD_HUB_TOKEN",
 )
+# Resources with a field of their own in Resources; `extra` may not set them a second time.
+OWN_RESOURCES = ("cpu", "memory", "nvidia.com/gpu")
+# Capabilities that amount to a privileged container: refused unless the platform allows privileged pods.
+PRIVILEGED_CAPABILITIES = ("SYS_ADMIN", "CAP_SYS_ADMIN", "ALL")
 
 
 class DType(StrEnum):
@@ -109,7 +136,7 @@ class ModelSpec(RuledModel):
     )
 
 
-class Resources(DhadModel):
+class Resources(RuledModel):
     """The machines one attempt runs on: `nodes` pods, each with `gpusPerNode` GPUs."""
 
     nodes: int = Field(1, ge=1, le=512, description="nodes is the number of pods (one per node), 1 to 512. Default 1.")
@@ -122,6 +149,20 @@ class Resources(DhadModel):
     memory: Quantity | None = Field(None, description="memory is the memory request and limit per pod, a Kubernetes quantity. Empty means none.")
     shared_memory: Quantity = Field(
         "16Gi", description="sharedMemory is the size of the memory-backed /dev/shm per pod. Default 16Gi."
+    )
+    extra: dict[QualifiedName, Quantity] = Field(
+        default_factory=dict, max_length=16,
+        description="extra are further resources per pod, requested and limited alike (for example rdma/ib: 1 for "
+        "InfiniBand, ephemeral-storage: 200Gi); cpu, memory and nvidia.com/gpu have their own fields. Default none.",
+    )
+
+    rules = (
+        Rule(f"!has(self.extra) || self.extra.all(k, !(k in {list(OWN_RESOURCES)}))",
+             "resources.extra: cpu, memory and nvidia.com/gpu are set by their own fields (cpu, memory, gpusPerNode)",
+             lambda r: not set(r.extra) & set(OWN_RESOURCES), ".extra"),
+        Rule(f"!has(self.extra) || self.extra.all(k, k.matches('{QUALIFIED_NAME}'))",
+             "resources.extra: names must be qualified names (prefix/name), for example rdma/ib",
+             lambda r: all(re.match(QUALIFIED_NAME, k) for k in r.extra), ".extra"),
     )
 
 
@@ -319,8 +360,6 @@ class EnvVar(RuledModel):
 
 
 def _looks_secret(name: str) -> bool:
-    import re
-
     return re.search(r"(?i)(secret|password|token|api_?key)", name) is not None
 
 
@@ -336,9 +375,84 @@ class Toleration(DhadModel):
     toleration_seconds: int | None = Field(None, ge=0, description="tolerationSeconds bounds how long a NoExecute taint is tolerated. Empty means forever.")
 
 
-class PodOverrides(DhadModel):
-    """What platform teams set on every trainer pod. Kubernetes-typed parts (affinity, volumes,
-    securityContext) are passed through as written and validated by the apiserver when the Job is made.
+class LocalObjectReference(DhadModel):
+    """An object in the job's namespace, by name."""
+
+    name: DnsLabel = Field(description="name is the object's name in the job's namespace. Required.")
+
+
+class WorkVolumeType(StrEnum):
+    """What backs the trainer's scratch folder."""
+
+    EMPTY_DIR = "emptyDir"
+    EPHEMERAL = "ephemeral"
+    PERSISTENT_VOLUME_CLAIM = "persistentVolumeClaim"
+
+
+class WorkVolume(RuledModel):
+    """The trainer's scratch space (downloaded base model, checkpoints before upload, stage outputs):
+    a volume mounted at /var/lib/dhad/work, which DHAD_WORK_DIR names, never the container's writable layer."""
+
+    type: WorkVolumeType = Field(
+        WorkVolumeType.EMPTY_DIR,
+        description="type is emptyDir (node-local, deleted with the pod), ephemeral (a generic ephemeral volume: a "
+        "PersistentVolumeClaim per pod from storageClassName, deleted with the pod) or persistentVolumeClaim (an "
+        "existing claim named by claimName, ReadWriteMany when nodes > 1; each pod uses the folder "
+        "<job>-<kind code>/<node index> in it, so a restarted attempt finds what the last one downloaded). Default emptyDir.",
+    )
+    size: Quantity = Field(
+        "100Gi", description="size is the emptyDir's sizeLimit or the ephemeral claim's storage request (unused for persistentVolumeClaim). Default 100Gi."
+    )
+    storage_class_name: DnsLabel | None = Field(
+        None, description="storageClassName is the StorageClass of an ephemeral volume; only with type ephemeral. Empty means the cluster's default class."
+    )
+    claim_name: DnsLabel | None = Field(
+        None, description="claimName is the existing PersistentVolumeClaim; required with type persistentVolumeClaim, and only then."
+    )
+
+    rules = (
+        Rule("has(self.claimName) == (self.type == 'persistentVolumeClaim')",
+             "workVolume: claimName is set exactly when type is persistentVolumeClaim",
+             lambda w: (w.claim_name is not None) == (w.type == WorkVolumeType.PERSISTENT_VOLUME_CLAIM), ".claimName"),
+        Rule("!has(self.storageClassName) || self.type == 'ephemeral'", "workVolume: storageClassName needs type ephemeral",
+             lambda w: w.storage_class_name is None or w.type == WorkVolumeType.EPHEMERAL, ".storageClassName"),
+    )
+
+
+class Capabilities(DhadModel):
+    """Linux capabilities added to the trainer container; every other one stays dropped."""
+
+    add: list[Annotated[str, StringConstraints(pattern=CAPABILITY, max_length=64)]] = Field(
+        default_factory=list, max_length=16,
+        description="add lists capabilities to add, for example IPC_LOCK for RDMA memory registration; SYS_ADMIN and ALL "
+        "count as privileged. Default none.",
+    )
+
+
+class SecurityContext(DhadModel):
+    """Fields merged onto the restricted defaults (runAsNonRoot, no privilege escalation, all capabilities
+    dropped, RuntimeDefault seccomp), which no field here can turn off."""
+
+    capabilities: Capabilities | None = Field(None, description="capabilities adds Linux capabilities to the trainer container. Empty means none.")
+    run_as_user: int | None = Field(None, ge=1, le=2147483647, description="runAsUser is the trainer's uid, never 0 (runAsNonRoot stays true). Empty means the image's user.")
+    run_as_group: int | None = Field(None, ge=0, le=2147483647, description="runAsGroup is the trainer's primary gid. Empty means the image's group.")
+    fs_group: int | None = Field(None, ge=0, le=2147483647, description="fsGroup is the pod's fsGroup, so volumes such as a work volume claim are writable. Empty means none.")
+    read_only_root_filesystem: StrictBool | None = Field(
+        None, description="readOnlyRootFilesystem makes the image read-only; /tmp and the work volume stay writable. Empty means false."
+    )
+    privileged: StrictBool | None = Field(
+        None, description="privileged runs the container privileged; refused unless the operator's platform switch "
+        "(Helm value trainer.allowPrivileged) allows it. Empty means false.",
+    )
+
+    def is_privileged(self) -> bool:
+        added = {c.upper() for c in (self.capabilities.add if self.capabilities else [])}
+        return bool(self.privileged) or bool(added & set(PRIVILEGED_CAPABILITIES))
+
+
+class PodOverrides(RuledModel):
+    """What platform teams set on every trainer pod. Affinity, volumes and volume mounts are Kubernetes
+    types passed through as written and validated by the apiserver when the Job is made.
     """
 
     labels: dict[Annotated[str, StringConstraints(max_length=253)], LabelValue] = Field(
@@ -352,10 +466,65 @@ class PodOverrides(DhadModel):
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="tolerations let pods onto tainted nodes. Default none.")
     affinity: dict | None = Field(None, description="affinity is a Kubernetes Affinity, passed through. Empty means none.")
-    volumes: list[dict] = Field(default_factory=list, max_length=32, description="volumes are extra Kubernetes Volumes, passed through. Default none.")
+    volumes: list[dict] = Field(
+        default_factory=list, max_length=32,
+        description="volumes are extra Kubernetes Volumes, passed through; hostPath volumes are refused unless the "
+        "operator's platform switch (Helm value trainer.allowPrivileged) allows them. Default none.",
+    )
     volume_mounts: list[dict] = Field(default_factory=list, max_length=32, description="volumeMounts mount extra volumes into the trainer container. Default none.")
-    security_context: dict | None = Field(
-        None, description="securityContext replaces the restricted default container SecurityContext (for RDMA/InfiniBand: IPC_LOCK). Empty means the restricted default."
+    security_context: SecurityContext | None = Field(
+        None, description="securityContext fields are merged onto the restricted defaults, never replacing them "
+        "(for RDMA/InfiniBand: capabilities.add [IPC_LOCK]). Empty means the restricted defaults alone.",
+    )
+    host_network: StrictBool = Field(
+        False, description="hostNetwork puts pods in the node's network namespace (some RDMA setups); refused unless "
+        "the operator's platform switch (Helm value trainer.allowPrivileged) allows it. Default false.",
+    )
+    host_ipc: StrictBool = Field(
+        False, alias="hostIPC", description="hostIPC puts pods in the node's IPC namespace; refused unless the operator's platform switch "
+        "(Helm value trainer.allowPrivileged) allows it. Default false.",
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, max_length=16, description="imagePullSecrets name Secrets in the job's namespace for pulling the trainer image. Default none."
+    )
+    service_account_name: DnsLabel | None = Field(
+        None, description="serviceAccountName runs the trainer pods as this existing ServiceAccount (for example one "
+        "bound to a cloud role); the operator binds the job's progress Role to it and makes no ServiceAccount of its "
+        "own. Empty means a per-job ServiceAccount <job>-<kind code>-trainer.",
+    )
+    service_account_annotations: dict[QualifiedName, AnnotationValue] = Field(
+        default_factory=dict, max_length=16,
+        description="serviceAccountAnnotations are set on the per-job ServiceAccount, over the operator's defaults "
+        "(Helm value trainer.serviceAccount.annotations), for workload identity: eks.amazonaws.com/role-arn (IRSA) or "
+        "iam.gke.io/gcp-service-account (GKE). Not with serviceAccountName. Default none.",
+    )
+    work_volume: WorkVolume = Field(
+        default_factory=WorkVolume, description="workVolume backs the trainer's scratch folder (DHAD_WORK_DIR). Default an emptyDir of 100Gi."
     )
     scheduler_name: ShortText | None = Field(None, description="schedulerName picks a scheduler (for example a gang scheduler). Empty means the default.")
     priority_class_name: ShortText | None = Field(None, description="priorityClassName sets pod priority for preemption. Empty means none.")
+
+    rules = (
+        Rule("!has(self.serviceAccountName) || !has(self.serviceAccountAnnotations) || size(self.serviceAccountAnnotations) == 0",
+             "podTemplate: serviceAccountAnnotations apply to the per-job ServiceAccount; not with serviceAccountName",
+             lambda p: p.service_account_name is None or not p.service_account_annotations, ".serviceAccountAnnotations"),
+        Rule(f"!has(self.serviceAccountAnnotations) || self.serviceAccountAnnotations.all(k, k.matches('{QUALIFIED_NAME}'))",
+             "podTemplate: serviceAccountAnnotations keys must be qualified names (prefix/name)",
+             lambda p: all(re.match(QUALIFIED_NAME, k) for k in p.service_account_annotations), ".serviceAccountAnnotations"),
+        Rule("!has(self.imagePullSecrets) || self.imagePullSecrets.all(x, self.imagePullSecrets.exists_one(y, y.name == x.name))",
+             "podTemplate: imagePullSecrets names must be unique",
+             lambda p: len({s.name for s in p.image_pull_secrets}) == len(p.image_pull_secrets), ".imagePullSecrets"),
+    )
+
+    def refused(self, allow_privileged: bool) -> list[str]:
+        """Fields that need the platform's permission (privileged, host namespaces, hostPath), by path."""
+        if allow_privileged:
+            return []
+        found = []
+        if self.security_context and self.security_context.is_privileged():
+            found.append("spec.podTemplate.securityContext (privileged or SYS_ADMIN)")
+        for name, on in (("hostNetwork", self.host_network), ("hostIPC", self.host_ipc)):
+            if on:
+                found.append(f"spec.podTemplate.{name}")
+        found += [f"spec.podTemplate.volumes[{i}].hostPath" for i, v in enumerate(self.volumes) if "hostPath" in v]
+        return found

@@ -14,8 +14,8 @@ from typing import Annotated
 from pydantic import Field, StringConstraints
 
 from dhad_api.base import DhadModel, Rule, RuledModel
+from dhad_api.common import DataUri as Uri
 
-Uri = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 FieldName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$", max_length=3)]
 SourceName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]

@@ -52,6 +52,15 @@ class Reason(StrEnum):
     UNSCHEDULABLE = "Unschedulable"
     INVALID_SPEC = "InvalidSpec"
     REFERENCE_FAILED = "ReferencedJobFailed"
+    NAME_COLLISION = "NameCollision"  # a child's name is taken by an object this job does not own
+    WAITING_FOR_GC = "WaitingForGarbageCollection"  # ... by a child of a deleted job, still being collected
+    CHILD_REJECTED = "ChildRejected"  # the apiserver refused a child (422/400): the spec cannot work
+    CHILD_NOT_CREATED = "ChildNotCreated"  # a child could not be created for now (quota, permissions)
+    PODS_REJECTED = "PodsRejected"  # admission refuses the attempt's pods (Pod Security): the spec cannot work
+    PODS_NOT_CREATED = "PodsNotCreated"  # the Job controller cannot create pods for now (quota)
+    JOB_DELETED = "JobDeleted"  # the attempt's Job was deleted by someone else: a disruption
+    INVALID_REPORT = "InvalidProgressReport"  # the trainer reported values that status cannot hold
+    TTL_EXPIRED = "TTLExpired"
     PLAN_FITS = "PlanFits"  # Planned condition: the per-GPU plan fits the GPU
     PLAN_EXCEEDS_GPU_MEMORY = "PlanExceedsGPUMemory"
     PLAN_NOT_CHECKED = "PlanNotChecked"  # architecture or GPU memory unknown

@@ -28,7 +28,7 @@ class State(StrEnum):
 class Condition(DhadModel):
     """A metav1.Condition."""
 
-    type: Annotated[str, StringConstraints(max_length=64)] = Field(description="type is the condition type: Created, Queued, Suspended, Running, Restarting, Succeeded, Failed, Unschedulable.")
+    type: Annotated[str, StringConstraints(max_length=64)] = Field(description="type is the condition type: Created, Queued, Suspended, Running, Restarting, Succeeded, Failed, Unschedulable, Planned (the memory plan: True fits, False exceeds the GPU, Unknown not checked).")
     status: Annotated[str, StringConstraints(pattern=r"^(True|False|Unknown)$")] = Field(description="status is True, False or Unknown.")
     reason: Annotated[str, StringConstraints(max_length=128)] = Field("", description="reason is a CamelCase machine-readable cause (constants in dhad_api.reasons).")
     message: Message = Field("", description="message says what happened, for people.")
@@ -46,8 +46,8 @@ class Progress(DhadModel):
     percent: int | None = Field(None, ge=0, le=100, description="percent is step/totalSteps as a whole percentage, for kubectl.")
     tokens_per_second: float | None = Field(None, ge=0, description="tokensPerSecond is the recent training throughput over all processes.")
     eta_seconds: int | None = Field(None, ge=0, description="etaSeconds estimates the time left.")
-    figures: dict[Annotated[str, StringConstraints(max_length=64)], float] = Field(
-        default_factory=dict, max_length=16,
+    figures: dict[Annotated[str, StringConstraints(max_length=64)], float] | None = Field(
+        None, max_length=16,
         description="figures are the sub-stage's own latest numbers: for policy rewardMean, rewardStd, kl (per response token), "
         "responseLength and klCoefficient; for feedback judgements, verdicts, forcedVerdicts, unparseable, refused, judgeErrors, "
         "agreementRate and trainPairs.",

@@ -1,4 +1,5 @@
-"""Prometheus metrics: jobs by kind and state, restarts by reason, reconcile duration, errors, API requests."""
+"""Prometheus metrics: jobs by kind and state, restarts by reason, reconcile duration, errors, API
+requests, the work queue (client-go's names: depth, adds, queue latency, retries), leadership."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from prometheus_client import (
     PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     start_http_server,
 )
@@ -23,6 +25,14 @@ RECONCILE_SECONDS = Histogram("dhad_reconcile_duration_seconds", "Time of one re
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 ERRORS = Counter("dhad_reconcile_errors", "Reconciles that raised", ["kind"], registry=REGISTRY)
 API_REQUESTS = Counter("dhad_api_requests", "Kubernetes API requests made by the operator", ["verb"], registry=REGISTRY)
+QUEUE_DEPTH = Gauge("dhad_workqueue_depth", "Keys waiting in the work queue", registry=REGISTRY)
+QUEUE_ADDS = Counter("dhad_workqueue_adds", "Keys added to the work queue (a key already waiting is not added again)", registry=REGISTRY)
+QUEUE_LATENCY = Histogram("dhad_workqueue_queue_duration_seconds", "Time a key waited in the queue before a worker took it",
+                          registry=REGISTRY, buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+QUEUE_RETRIES = Counter("dhad_workqueue_retries", "Keys requeued after an error, with backoff", registry=REGISTRY)
+QUEUE_LONGEST = Gauge("dhad_workqueue_longest_running_processor_seconds", "How long the longest running reconcile has run",
+                      registry=REGISTRY)
+LEADER = Gauge("dhad_leader", "1 while this replica holds the Lease and may write", registry=REGISTRY)
 
 
 JOB_LABELS = ["namespace", "kind", "job"]
@@ -104,5 +114,5 @@ JOB_STATES = JobStates()
 REGISTRY.register(JOB_STATES)
 
 
-def serve(port: int) -> None:
-    start_http_server(port, addr="0.0.0.0", registry=REGISTRY)
+def serve(port: int, address: str = "0.0.0.0") -> None:
+    start_http_server(port, addr=address, registry=REGISTRY)

@@ -46,10 +46,13 @@ FINISHED = (State.SUCCEEDED.value, State.FAILED.value)
 
 @dataclass
 class PipelineObserved:
-    """What exists now: the Dhad jobs whose controller is this pipeline (any kind), and the cache entries."""
+    """What exists now: the Dhad jobs whose controller is this pipeline (any kind), and the cache entries;
+    after a refused create, who holds the name (taken) or what the apiserver said (rejected)."""
 
     children: list[dict] = field(default_factory=list)
     cache: list[dict] = field(default_factory=list)  # ConfigMaps labelled dhad.dev/cache in the namespace
+    taken: dict[str, str] = field(default_factory=dict)  # child name -> its owner, not this pipeline
+    rejected: dict[str, str] = field(default_factory=dict)  # child name -> the apiserver's refusal
 
 
 @dataclass
@@ -154,7 +157,8 @@ def decide(obj: dict, observed: PipelineObserved, now: datetime, defaults: Defau
         return plan
 
     ours = [c for c in observed.children if owned_by(c, meta["uid"])]
-    foreign = {c["metadata"]["name"]: c for c in observed.children if not owned_by(c, meta["uid"])}
+    foreign = {c["metadata"]["name"]: "another owner" for c in observed.children if not owned_by(c, meta["uid"])}
+    foreign.update(observed.taken)
     deleting = {c["metadata"]["name"] for c in ours if c["metadata"].get("deletionTimestamp")}
     live = {c["metadata"]["name"]: c for c in ours if c["metadata"]["name"] not in deleting}
     reports = {n: ChildReport.of(c) for n, c in live.items()}
@@ -174,7 +178,11 @@ def decide(obj: dict, observed: PipelineObserved, now: datetime, defaults: Defau
                 plan.requeue_after = 2  # the same name is still going away
             elif step.name in foreign:  # never adopted: someone else's job holds the name
                 plan.events.append(("Warning", "NameTaken", f"stage {step.stage}: {step.kind.value} {step.name} exists and "
-                                    "is not this pipeline's; delete it or rename the pipeline"))
+                                    f"is not this pipeline's (its owner: {foreign[step.name]}); delete it or rename the pipeline"))
+                plan.requeue_after = 30
+            elif step.name in observed.rejected:
+                plan.events.append(("Warning", "StageRejected", f"stage {step.stage}: the apiserver refused {step.kind.value} "
+                                    f"{step.name}: {observed.rejected[step.name]}"[:1024]))
                 plan.requeue_after = 30
             elif not spec.suspend:
                 plan.create.append(child_manifest(obj, step, False))

@@ -7,9 +7,11 @@ labels `dhad.dev/job`, `dhad.dev/kind`, `dhad.dev/stage`, `dhad.dev/attempt`.
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from dhad_api.common import StorageSecret, WorkVolumeType
 from dhad_api.jobs import (
     API_VERSION,
     KINDS,
@@ -33,6 +35,7 @@ KUEUE_QUEUE_LABEL = QUEUE_NAME_LABEL
 MASTER_PORT = 29500
 JOB_FILE_DIR = "/etc/dhad"
 JOB_FILE = f"{JOB_FILE_DIR}/job.json"
+WORK_DIR = "/var/lib/dhad/work"  # the work volume; DHAD_WORK_DIR points here
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,17 @@ class Owner:
 
 @dataclass(frozen=True)
 class Defaults:
-    """Operator-wide defaults from its configuration (Helm values)."""
+    """Operator-wide defaults from its configuration (Helm values, through config.Settings)."""
 
     trainer_image: str = "ghcr.io/dhad/trainer:0.1.0"
     service_account_tokens: bool = True
+    # storage.endpoint / storage.secretName: for jobs whose spec.storage leaves them empty
+    storage_endpoint: str | None = None
+    storage_secret: str | None = None
+    # trainer.serviceAccount.annotations: on every per-job ServiceAccount, under the job's own
+    service_account_annotations: dict[str, str] = field(default_factory=dict)
+    # trainer.allowPrivileged: privileged containers, host namespaces and hostPath volumes
+    allow_privileged: bool = False
 
 
 def kueue(owner: Owner, spec: JobSpec) -> dict[str, str]:
@@ -99,32 +109,68 @@ def headless_service(owner: Owner) -> dict:
                      "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
 
 
-def progress_objects(owner: Owner) -> list[dict]:
-    """A per-job ConfigMap that only the job's own ServiceAccount may patch (rank 0 reports progress)."""
-    cm, sa = progress_config_map_name(owner), trainer_service_account_name(owner)
+def pods_service_account(owner: Owner, spec: JobSpec) -> str:
+    """The trainer pods' ServiceAccount: the one the spec names, else the per-job one."""
+    return spec.pod_template.service_account_name or trainer_service_account_name(owner)
+
+
+def progress_objects(owner: Owner, spec: JobSpec | None = None, defaults: Defaults | None = None) -> list[dict]:
+    """A per-job ConfigMap that only the pods' ServiceAccount may patch (rank 0 reports progress), and
+    that ServiceAccount (unless the spec names an existing one) with the workload-identity annotations."""
+    defaults = defaults or Defaults()
+    cm, role = progress_config_map_name(owner), trainer_service_account_name(owner)
+    pod = spec.pod_template if spec is not None else None
+    subject = pods_service_account(owner, spec) if spec is not None else role
+    objects = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(owner, cm), "data": {PROGRESS_KEY: "{}"}}]
+    if pod is None or not pod.service_account_name:
+        meta = _meta(owner, role)
+        annotations = {**defaults.service_account_annotations, **(pod.service_account_annotations if pod else {})}
+        if annotations:
+            meta["annotations"] = annotations
+        objects.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta})
     return [
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(owner, cm), "data": {PROGRESS_KEY: "{}"}},
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(owner, sa)},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(owner, sa),
+        *objects,
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(owner, role),
          "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [cm], "verbs": ["get", "patch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(owner, sa),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
-         "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": owner.namespace}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(owner, role),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+         "subjects": [{"kind": "ServiceAccount", "name": subject, "namespace": owner.namespace}]},
     ]
 
 
-def static_children(owner: Owner, spec: JobSpec, resolved: dict) -> list[dict]:
-    """Everything but the Jobs, in creation order (the Service first)."""
-    return [headless_service(owner), job_config_map(owner, spec, resolved), *progress_objects(owner)]
+def static_children(owner: Owner, spec: JobSpec, resolved: dict, defaults: Defaults | None = None) -> list[dict]:
+    """Everything but the Jobs (none depends on another: they are created together)."""
+    return [headless_service(owner), job_config_map(owner, spec, resolved), *progress_objects(owner, spec, defaults)]
+
+
+def refused_pod_fields(spec: JobSpec, defaults: Defaults) -> str | None:
+    """Why the platform refuses this spec's pods (privileged, host namespaces, hostPath), naming the
+    fields; None when it does not. The CRD cannot know the platform switch, so the operator checks."""
+    fields = spec.pod_template.refused(defaults.allow_privileged)
+    if not fields:
+        return None
+    return (f"{', '.join(fields)}: not allowed on this platform (the operator's Helm value trainer.allowPrivileged "
+            "is false); remove them or ask the platform team")
+
+
+def static_child_names(owner: Owner, spec: JobSpec | None = None) -> list[tuple[str, str]]:
+    """(kind, name) of static_children, without rendering them (checked on every reconcile)."""
+    code, trainer = owner.info.code, trainer_service_account_name(owner)
+    own_account = spec is None or not spec.pod_template.service_account_name  # else the spec names an existing one
+    return [("Service", service_name(owner.name, code)), ("ConfigMap", config_map_name(owner.name, code)),
+            ("ConfigMap", progress_config_map_name(owner)), *([("ServiceAccount", trainer)] if own_account else []),
+            ("Role", trainer), ("RoleBinding", trainer)]
 
 
 def _secret_env(name: str, ref) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
-def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int) -> list[dict]:
+def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int, shape: StagePods | None = None,
+                defaults: Defaults | None = None) -> list[dict]:
+    defaults = defaults or Defaults()
     storage = spec.storage
-    shape = stage_pods(owner.kind, spec, stage)
+    shape = shape or stage_pods(owner.kind, spec, stage)
     env = [
         {"name": "MASTER_ADDR", "value": master_address(owner.name, owner.info.code, stage, attempt)},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
@@ -136,11 +182,13 @@ def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int) -> list[d
         {"name": NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": PROGRESS_CONFIGMAP_ENV, "value": progress_config_map_name(owner)},
         {"name": "AWS_REGION", "value": storage.region},
+        {"name": "DHAD_WORK_DIR", "value": WORK_DIR},
     ]
-    if storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
-    if storage.secret_ref:
-        ref = storage.secret_ref
+    s3_endpoint = storage.endpoint or defaults.storage_endpoint
+    if s3_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": s3_endpoint})
+    ref = storage.secret_ref or (StorageSecret(name=defaults.storage_secret) if defaults.storage_secret else None)
+    if ref:
         env.append({"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_id_key}}})
         env.append({"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_access_key_key}}})
     for var, endpoint in _endpoints(spec):
@@ -172,7 +220,7 @@ RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"dro
 
 
 def _resources(spec: JobSpec, shape: StagePods) -> dict:
-    limits: dict[str, str] = {}
+    limits: dict[str, str] = dict(spec.resources.extra)
     if shape.gpus_per_pod:
         limits["nvidia.com/gpu"] = str(shape.gpus_per_pod)
     if spec.resources.cpu:
@@ -195,6 +243,41 @@ def _affinity(spec: JobSpec, avoid_nodes: list[str]) -> dict | None:
     return affinity or None
 
 
+def container_security(spec: JobSpec) -> dict:
+    """The restricted defaults with the spec's fields merged on; privileged (when the platform allows
+    it) is the one case that needs privilege escalation, which Kubernetes then requires."""
+    context = copy.deepcopy(RESTRICTED_CONTAINER)
+    asked = spec.pod_template.security_context
+    if asked is None:
+        return context
+    if asked.capabilities and asked.capabilities.add:
+        context["capabilities"]["add"] = list(asked.capabilities.add)
+    for key, value in (("runAsUser", asked.run_as_user), ("runAsGroup", asked.run_as_group),
+                       ("readOnlyRootFilesystem", asked.read_only_root_filesystem), ("privileged", asked.privileged)):
+        if value is not None:
+            context[key] = value
+    if asked.is_privileged():
+        context["allowPrivilegeEscalation"] = True
+    return context
+
+
+def work_volume(owner: Owner, spec: JobSpec) -> tuple[dict, dict]:
+    """(volume, mount) of the trainer's scratch folder at WORK_DIR."""
+    work = spec.pod_template.work_volume
+    mount = {"name": "work", "mountPath": WORK_DIR}
+    if work.type == WorkVolumeType.EPHEMERAL:
+        claim = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": work.size}}}
+        if work.storage_class_name:
+            claim["storageClassName"] = work.storage_class_name
+        source = {"ephemeral": {"volumeClaimTemplate": {"metadata": {"labels": owner.labels()}, "spec": claim}}}
+    elif work.type == WorkVolumeType.PERSISTENT_VOLUME_CLAIM:
+        source = {"persistentVolumeClaim": {"claimName": work.claim_name}}
+        mount["subPathExpr"] = f"{owner.name}-{owner.info.code}/$(JOB_COMPLETION_INDEX)"
+    else:
+        source = {"emptyDir": {"sizeLimit": work.size}}
+    return {"name": "work", **source}, mount
+
+
 def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults: Defaults,
                  avoid_nodes: list[str] | None = None) -> dict:
     """One attempt of one (sub-)stage: an Indexed Job of stage_pods(...).pods pods. A gang has no
@@ -203,31 +286,41 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
     shape = stage_pods(owner.kind, spec, stage)
     labels = {**owner.labels(), LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}
     pod = spec.pod_template
+    asked = pod.security_context
+    pod_security = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    if asked is not None and asked.fs_group is not None:
+        pod_security["fsGroup"] = asked.fs_group
+    work, work_mount = work_volume(owner, spec)
     pod_spec = {
         "subdomain": service_name(owner.name, owner.info.code),
         "restartPolicy": "Never",
-        "serviceAccountName": trainer_service_account_name(owner),
+        "serviceAccountName": pods_service_account(owner, spec),
         "automountServiceAccountToken": defaults.service_account_tokens,
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": pod_security,
         "containers": [{
             "name": "trainer",
             "image": spec.image or defaults.trainer_image,
             "command": ["python", "-m", "dhad_trainer", "launch", JOB_FILE],
-            "env": trainer_env(owner, spec, stage, attempt),
+            "env": trainer_env(owner, spec, stage, attempt, shape, defaults),
             "resources": _resources(spec, shape),
             "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
             "volumeMounts": [{"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
-                             {"name": "dshm", "mountPath": "/dev/shm"}, *pod.volume_mounts],
-            "securityContext": pod.security_context or RESTRICTED_CONTAINER,
+                             {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"},
+                             work_mount, *pod.volume_mounts],
+            "securityContext": container_security(spec),
             "terminationMessagePolicy": "FallbackToLogsOnError",
         }],
         "volumes": [{"name": "job", "configMap": {"name": config_map_name(owner.name, owner.info.code)}},
                     {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
-                    *pod.volumes],
+                    {"name": "tmp", "emptyDir": {}}, work, *pod.volumes],
     }
     optional = {"nodeSelector": pod.node_selector or None, "tolerations": [t.to_json_dict() for t in pod.tolerations] or None,
                 "affinity": _affinity(spec, avoid_nodes or []), "schedulerName": pod.scheduler_name,
-                "priorityClassName": pod.priority_class_name}
+                "priorityClassName": pod.priority_class_name,
+                "imagePullSecrets": [s.to_json_dict() for s in pod.image_pull_secrets] or None,
+                "hostNetwork": pod.host_network or None, "hostIPC": pod.host_ipc or None,
+                # pods on the host network still resolve <job>-0.<service> (the master) through cluster DNS
+                "dnsPolicy": "ClusterFirstWithHostNet" if pod.host_network else None}
     pod_spec.update({k: v for k, v in optional.items() if v})
     job_labels = {**labels, **kueue(owner, spec)}
     pods = shape.pods

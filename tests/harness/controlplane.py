@@ -2,7 +2,11 @@
 and kwok playing the kubelet for fake GPU nodes.
 
 The binaries are built from source and cached by `hack/build-control-plane.sh`; this module only
-starts them. RBAC is on, so tests see the 403s a real cluster gives.
+starts them. RBAC is on, so tests see the 403s a real cluster gives, and so is
+OwnerReferencesPermissionEnforcement (as on OpenShift): setting blockOwnerDeletion on a child needs
+`update` on the owner's finalizers. The apiserver writes an audit log (`ControlPlane.audit_log`) of
+every request made by a ServiceAccount outside kube-system (an operator installed by the chart, trainer
+pods), which tests/harness/audit.py compares with RBAC rules.
 """
 
 from __future__ import annotations
@@ -29,6 +33,16 @@ def control_plane_bin() -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"{BUILD_SCRIPT} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return Path(done.stdout.strip().splitlines()[-1])
+
+
+# Metadata of requests by ServiceAccounts outside kube-system (the controllers' own are not wanted);
+# nothing else. Only the ResponseComplete stage: one line per request, with its response code.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+    "rules": [{"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
+              {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+              {"level": "None"}],
+}
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, user: str = "admin") -> Path:
@@ -93,6 +107,9 @@ class ControlPlane:
         port = free_port()
         self.server = f"https://127.0.0.1:{port}"
         pki = self.pki
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+        self.audit_log = self.workdir / "audit.log"
         apiserver = Process(
             "kube-apiserver",
             [
@@ -111,6 +128,11 @@ class ControlPlane:
                 f"--service-account-signing-key-file={pki.sa_key}",
                 "--service-cluster-ip-range=10.96.0.0/16",
                 "--allow-privileged=true",
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-maxsize=0",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
             ],
             logs,

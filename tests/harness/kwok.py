@@ -63,6 +63,9 @@ def gpu_node(name: str, gpus: int = 8, cpu: str = "96", memory: str = "1Ti") -> 
                 "kubernetes.io/arch": "amd64",
                 "type": "kwok",
                 "nvidia.com/gpu.present": "true",
+                # GPU feature discovery's labels (an H100 80GB): the operator's Planned condition reads them
+                "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                "nvidia.com/gpu.memory": "81559",
             },
         ),
         spec=client.V1NodeSpec(),

@@ -5,6 +5,9 @@ renews its Lease and Ready condition, and runs every pod bound to it as a local 
 `podrun.PodRun`), reporting phase, podIP, exit code and termination message through pods/status.
 Graceful deletion is honoured: SIGTERM to the process group, SIGKILL after the (capped) grace
 period, then the pod is deleted with grace 0. Pods are polled (every `poll` s), not watched.
+Probes run as a kubelet runs them (`podrun.Prober`): Ready follows the readiness probe, a failed
+liveness probe kills the container, and containers are restarted per restartPolicy (Always,
+OnFailure) with a doubling back-off (`crash_backoff`, shorter than the kubelet's 10 s..5 min).
 
 Use the `node_agent` session fixture (import it into a test module or conftest) and put
 `nodeSelector: {dhad.test/agent: "true"}` on pods that must really run.
@@ -24,7 +27,7 @@ import pytest
 import urllib3
 
 from .controlplane import ControlPlane
-from .podrun import ConfigError, PodRun
+from .podrun import VENV_BIN, ConfigError, PodRun
 
 AGENT_LABEL = "dhad.test/agent"
 NODE_SELECTOR = {AGENT_LABEL: "true"}
@@ -73,8 +76,11 @@ class NodeAgent:
 
     def __init__(self, cp: ControlPlane, workdir: Path, nodes: tuple[str, ...] = ("dhad-agent-0", "dhad-agent-1"),
                  gpus: int | None = 0, heartbeat: float = 2.0, poll: float = 0.3, max_grace: float = 10.0,
-                 ip_prefix: str = "127.0.1"):
+                 ip_prefix: str = "127.0.1", venv_bin: Path = VENV_BIN, keep: tuple[Path, ...] = (),
+                 crash_backoff: tuple[float, float] = (1.0, 10.0), label: str = "true"):
         self.api, self.api_url, self.workdir = Api(cp), cp.server, Path(workdir)
+        self.venv_bin, self.keep, self.crash_backoff = Path(venv_bin), tuple(keep), crash_backoff
+        self.selector = {AGENT_LABEL: label}  # the nodeSelector that lands pods on this agent's nodes
         self.nodes, self.gpus, self.heartbeat, self.poll, self.max_grace = tuple(nodes), gpus, heartbeat, poll, max_grace
         self.ip_prefix, self._next_ip = ip_prefix, 0
         self.runs: dict[str, PodRun] = {}
@@ -145,7 +151,7 @@ class NodeAgent:
         if self.gpus is not None:
             capacity["nvidia.com/gpu"] = str(self.gpus)
         labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-                  AGENT_LABEL: "true", "type": "dhad-node-agent"}
+                  **self.selector, "type": "dhad-node-agent"}
         body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
         try:
             node = self.api.request("POST", "/api/v1/nodes", body)
@@ -241,7 +247,8 @@ class NodeAgent:
                 return
             pod_dir = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{uid[:8]}"
             pod_dir.mkdir(parents=True, exist_ok=True)
-            run = self.runs[uid] = PodRun(self.api, pod, pod_dir, self._allocate_ip(), HOST_IP, self.api_url)
+            run = self.runs[uid] = PodRun(self.api, pod, pod_dir, self._allocate_ip(), HOST_IP, self.api_url,
+                                          self.venv_bin, self.keep)
             self._update_hosts()
         run.pod = pod
         if run.done:
@@ -255,12 +262,26 @@ class NodeAgent:
             elif time.monotonic() >= run.retry_at:
                 self._start(run)
             return
+        grace = meta.get("deletionGracePeriodSeconds", pod["spec"].get("terminationGracePeriodSeconds", 30))
         if deleting:
-            grace = meta.get("deletionGracePeriodSeconds", pod["spec"].get("terminationGracePeriodSeconds", 30))
             run.terminate(min(float(grace), self.max_grace))
             run.poll_kill()
+        elif run.unhealthy and run.kill_at is None:
+            log.info("%s/%s: %s; killing the container", run.ns, run.name, run.unhealthy)
+            run.terminate(min(float(grace), self.max_grace))
+        run.poll_kill()
         code = run.exit_code()
         if code is None:
+            if (run.ready, run.started) != run.reported_ready:
+                self._report(run, "Running", {"running": {"startedAt": _iso(run.started_at)}}, run.ready)
+            return
+        if not deleting and run.should_restart(code):
+            base, cap = self.crash_backoff
+            backoff = min(base * 2 ** run.restarts, cap)
+            run.record_exit(code, backoff)
+            waiting = {"reason": "CrashLoopBackOff",
+                       "message": f"back-off {backoff:.0f}s restarting failed container={run.container['name']} pod={run.name}"}
+            self._report(run, "Running", {"waiting": waiting}, False)
             return
         run.done = True
         message = run.termination_message(code)
@@ -285,9 +306,10 @@ class NodeAgent:
             run.retry_at = time.monotonic() + 2.0
             log.warning("starting %s/%s: %s", run.ns, run.name, error)
             return
-        self._report(run, "Running", {"running": {"startedAt": _iso(run.started_at)}}, True)
+        self._report(run, "Running", {"running": {"startedAt": _iso(run.started_at)}}, run.ready)
 
     def _report(self, run: PodRun, phase: str, state: dict, ready: bool) -> None:
+        run.reported_ready = (ready, run.started)
         now, c = _now(), run.container
         flag = "True" if ready else "False"
         why = {} if ready else {"reason": "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady"}
@@ -295,8 +317,13 @@ class NodeAgent:
                       {"type": "Initialized", "status": "True", "lastTransitionTime": now},
                       {"type": "ContainersReady", "status": flag, "lastTransitionTime": now, **why},
                       {"type": "Ready", "status": flag, "lastTransitionTime": now, **why}]
-        status = {"name": c["name"], "image": c.get("image", ""), "imageID": "", "restartCount": 0, "ready": ready,
-                  "started": "running" in state, "state": {"waiting": None, "running": None, "terminated": None, **state}}
+        status = {"name": c["name"], "image": c.get("image", ""), "imageID": "", "restartCount": run.restarts, "ready": ready,
+                  "started": "running" in state and run.started,
+                  "state": {"waiting": None, "running": None, "terminated": None, **state}}
+        if run.last_state:
+            last = run.last_state
+            status["lastState"] = {"terminated": {**last, "startedAt": _iso(last["startedAt"]), "finishedAt": _iso(last["finishedAt"]),
+                                                  "containerID": f"dhad-agent://{run.uid}"}}
         if "waiting" not in state:
             status["containerID"] = f"dhad-agent://{run.uid}"
         body = {"status": {"phase": phase, "hostIP": HOST_IP, "hostIPs": [{"ip": HOST_IP}], "podIP": run.ip,

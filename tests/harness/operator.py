@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -10,24 +12,47 @@ from .controlplane import ControlPlane
 from .processes import Process, free_port
 
 
-def start_operator(cp: ControlPlane, log_dir: Path, name: str = "dhad-operator", extra_env: dict | None = None) -> Process:
+def start_operator(cp: ControlPlane, log_dir: Path, name: str = "dhad-operator", extra_env: dict | None = None,
+                   wait: str = "/readyz", kubeconfig: Path | None = None) -> Process:
+    """Started and waited for until `wait` answers 200 (/readyz: its caches have listed).
+
+    The safety-net resync is ten minutes, so a test that passes shows the event or timer that woke the
+    job, never a periodic poll."""
     metrics_port, health_port = free_port(), free_port()
     env = {
-        "KUBECONFIG": str(cp.kubeconfig),
+        "KUBECONFIG": str(kubeconfig or cp.kubeconfig),
         "DHAD_METRICS_PORT": str(metrics_port),
-        "DHAD_RESYNC_SECONDS": "5",
+        "DHAD_RESYNC_SECONDS": "600",
         "DHAD_TRAINER_IMAGE": "dhad/trainer:test",
         **(extra_env or {}),
     }
     process = Process(name, [sys.executable, "-m", "dhad_operator", f"--liveness=http://127.0.0.1:{health_port}/healthz"],
                       log_dir, env=env)
     process.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    process.wait_ready(lambda: urllib.request.urlopen(f"http://127.0.0.1:{health_port}/readyz", timeout=1).status == 200, 60)
+    process.health_url = f"http://127.0.0.1:{health_port}"
+    process.wait_ready(lambda: urllib.request.urlopen(f"{process.health_url}{wait}", timeout=1).status == 200, 60)
     return process
 
 
 def metrics_text(process: Process) -> str:
     return urllib.request.urlopen(process.metrics_url, timeout=5).read().decode()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def http_status(url: str) -> int:
+    try:
+        return urllib.request.urlopen(url, timeout=2).status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 class OperatorRunner:

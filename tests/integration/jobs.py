@@ -14,6 +14,7 @@ from tests.conftest import wait_for
 REPO = Path(__file__).resolve().parents[2]
 PLURAL = {i.kind.value: i.plural for i in KINDS.values()}
 EXIT = "dhad.test/kwok-exit"
+FINISH = {"annotations": {EXIT: "0", "dhad.test/kwok-delay": "1s"}}  # podTemplate: every pod exits 0 after 1 s
 
 
 def tiny(name: str, **spec_changes) -> dict:

@@ -6,6 +6,8 @@ gang restart that resumes from the newest checkpoint."""
 from __future__ import annotations
 
 import base64
+import json
+import re
 
 import pytest
 import yaml
@@ -80,4 +82,22 @@ def test_kubectl_apply_trains_across_two_pods_and_survives_a_killed_pod(
     assert {"config.json", "model.safetensors"} <= names
     second = [p for p in pods(kube, namespace, "tiny-sft") if p.metadata.labels["dhad.dev/attempt"] == str(status["attempt"])]
     log = "\n".join(node_agent.pod_log(namespace, p.metadata.name) for p in second)
-    assert "resum" in log.lower(), log[-3000:]
+    resumed = re.findall(r"resuming from (s3://\S+/checkpoints/step-(\d{6}))", log)
+    assert len(resumed) == 2 and len(set(resumed)) == 1, log[-3000:]  # each node's leader fetches the same one
+    checkpoint, step = resumed[0][0], int(resumed[0][1])
+    # the newest checkpoint when the pod died: at least the one attempt 1 had reported, short of the end
+    # (an interval's, or the one the deleted pod's SIGTERM saved at whatever step it had reached)
+    assert step_of(first["lastCheckpoint"]) <= step < 16, (checkpoint, first)
+    assert checkpoint.startswith(f"s3://{s3_bucket}/{namespace}/"), checkpoint
+    logged = [int(n) for n in re.findall(r"\bstep (\d+)/16 loss", log)]
+    # every logged step (each 2nd) after the resumed one, once, in order: a SIGTERM checkpoint may be odd
+    assert logged == [n for n in range(2, 17, 2) if n > step], log[-3000:]
+    assert status["progress"]["step"] == 16 and step_of(status["lastCheckpoint"]) == 16
+    bucket, key = split_s3(status["lastCheckpoint"])
+    state = json.loads(s3_server.client().get_object(bucket, f"{key}/node-0/trainer_state.json").read())
+    history = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert history == list(range(2, 17, 2)), history  # across both attempts: no step trained twice
+
+
+def step_of(checkpoint_uri: str) -> int:
+    return int(re.fullmatch(r".*/step-(\d{6})", checkpoint_uri).group(1))

@@ -5,14 +5,20 @@ deletion gives the process its SIGTERM, and the node stays Ready."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from kubernetes import client
 
 from tests.conftest import wait_for
-from tests.harness.node_agent import NODE_SELECTOR, node_agent  # noqa: F401 - the fixture
+from tests.harness.node_agent import NODE_SELECTOR, NodeAgent, node_agent  # noqa: F401 - the fixture
 from tests.harness.processes import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.cluster
 
@@ -51,7 +57,7 @@ def pod(name: str, command: list[str], **spec) -> dict:
     container = {"name": "main", "image": "dhad/trainer:test", "command": command,
                  **spec.pop("container", {})}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-            "spec": {"restartPolicy": "Never", "nodeSelector": NODE_SELECTOR, "containers": [container], **spec}}
+            "spec": {"restartPolicy": "Never", "nodeSelector": NODE_SELECTOR, "containers": [container]} | spec}
 
 
 def terminated(core, ns: str, name: str):
@@ -180,3 +186,114 @@ def test_node_lease_is_renewed_and_the_node_stays_ready(kube, node_agent):  # no
         assert node_agent.node_ready(name, untainted=True), node.spec.taints
         assert "kwok.x-k8s.io/node" not in (node.metadata.annotations or {})
         assert node.metadata.labels["dhad.test/agent"] == "true"
+
+
+HEALTH_SERVER = """
+import http.server, os, pathlib
+out = pathlib.Path("/out")
+with open(out / "starts", "a") as f:
+    f.write("start\\n")
+first = len((out / "starts").read_text().splitlines()) == 1
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        sick = first and (out / "sick").exists()
+        self.send_response(500 if sick else 200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+http.server.HTTPServer((os.environ["POD_IP"], 8080), Handler).serve_forever()
+"""
+
+
+def test_probes_drive_ready_and_a_failed_liveness_probe_restarts_the_container(kube, namespace, node_agent, tmp_path):  # noqa: F811
+    """tcpSocket startup probe, exec readiness probe (inside the pod's mounts), httpGet liveness probe on a
+    named port; restartPolicy Always restarts the killed container with restartCount and lastState."""
+    core = client.CoreV1Api(kube)
+    fast = {"periodSeconds": 1, "failureThreshold": 2}
+    container = {
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "ports": [{"name": "http", "containerPort": 8080}],
+        "volumeMounts": [{"name": "out", "mountPath": "/out"}],
+        "startupProbe": {"tcpSocket": {"port": 8080}, **fast, "failureThreshold": 20},
+        "readinessProbe": {"exec": {"command": ["test", "-f", "/out/ready"]}, **fast},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, **fast},
+    }
+    core.create_namespaced_pod(namespace, pod("probed", ["python", "-c", HEALTH_SERVER], restartPolicy="Always",
+                                              volumes=[{"name": "out", "hostPath": {"path": str(tmp_path)}}],
+                                              container=container))
+
+    def status():
+        p = core.read_namespaced_pod("probed", namespace)
+        statuses = p.status.container_statuses or []
+        ready = next((c.status == "True" for c in p.status.conditions or [] if c.type == "Ready"), False)
+        return p.status.phase, ready, statuses[0] if statuses else None
+
+    wait_for(lambda: (s := status())[0] == "Running" and s[2] and s[2].started, 30, "the startup probe passed")
+    time.sleep(2.5)  # readiness probed at least twice while /out/ready is absent
+    assert status()[1] is False, "Ready before the readiness probe passed"
+    (tmp_path / "ready").touch()
+    wait_for(lambda: status()[1], 15, "Ready once the exec readiness probe passes")
+    assert status()[2].restart_count == 0
+    (tmp_path / "sick").touch()
+    wait_for(lambda: status()[2].restart_count == 1, 30, "the container restarted after its liveness probe failed")
+    phase, _, container_status = wait_for(lambda: (s := status())[1] and s, 30, "Ready again after the restart")
+    assert phase == "Running" and container_status.last_state.terminated.exit_code == 143  # SIGTERM from the agent
+    assert (tmp_path / "starts").read_text() == "start\nstart\n"
+
+
+LOOK_AROUND = """
+import json, os, shutil, sys
+import dhad_api
+open("/tmp/written-in-the-pod", "w").write("x")
+out = {"python": shutil.which("python"), "executable": sys.executable, "dhad_api": dhad_api.__file__,
+       "sentinel_visible": os.path.exists(os.environ["SENTINEL"]), "tmp": sorted(os.listdir("/tmp")),
+       "job": open("/etc/probe/job.json").read()}
+open("/dev/termination-log", "w").write(json.dumps(out))
+"""
+
+
+def test_a_clone_under_tmp_with_a_space_keeps_its_interpreter_and_a_private_tmp(kube, namespace, control_plane):
+    """Issue 13.2: the node agent's private /tmp hid a venv living under /tmp ("python: not found"), and
+    unquoted paths broke on spaces. A clone of the repository under `/tmp/dhad clone .../` with its own
+    venv runs a pod: python is the clone's, the clone's code is imported, /tmp is private both ways."""
+    import tempfile
+    import uuid
+
+    root = Path(tempfile.mkdtemp(prefix="dhad clone ", dir="/tmp"))
+    clone = root / "my repo"
+    sentinel = Path("/tmp") / f"dhad-host-only-{uuid.uuid4().hex[:8]}"
+    try:
+        for package in ("api", "operator", "trainer"):
+            shutil.copytree(REPO / package, clone / package, ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(clone / ".venv")], check=True)
+        site = next((clone / ".venv" / "lib").glob("python3*/site-packages"))
+        project_site = next((REPO / ".venv" / "lib").glob("python3*/site-packages"))
+        (site / "dhad-clone.pth").write_text("".join(f"{clone / p}\n" for p in ("api", "operator", "trainer")) + f"{project_site}\n")
+        sentinel.write_text("the host's /tmp")
+        core = client.CoreV1Api(kube)
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": "job"}, "data": {"job.json": '{"kind": "SFTJob"}'}})
+        agent = NodeAgent(control_plane, root / "agent work", nodes=("dhad-agent-clone",), ip_prefix="127.0.3",
+                          venv_bin=clone / ".venv" / "bin", keep=(clone,), label="clone").start()
+        try:
+            core.create_namespaced_pod(namespace, pod(
+                "clone", ["python", "-c", LOOK_AROUND], nodeSelector=agent.selector,
+                volumes=[{"name": "job", "configMap": {"name": "job"}}],
+                container={"env": [{"name": "SENTINEL", "value": str(sentinel)}],
+                           "volumeMounts": [{"name": "job", "mountPath": "/etc/probe"}]}))
+            phase, state = wait_for(lambda: terminated(core, namespace, "clone"), 60, "the clone's pod finished")
+            assert phase == "Succeeded", agent.pod_log(namespace, "clone")
+        finally:
+            agent.stop()
+        out = json.loads(state.message)
+        assert out["python"] == str(clone / ".venv" / "bin" / "python") == out["executable"]
+        assert out["dhad_api"] == str(clone / "api" / "dhad_api" / "__init__.py")
+        assert out["job"] == '{"kind": "SFTJob"}'
+        assert out["sentinel_visible"] is False, "the host's /tmp leaked into the pod"
+        assert "written-in-the-pod" in out["tmp"] and not (Path("/tmp") / "written-in-the-pod").exists()
+        assert out["tmp"] == sorted(["written-in-the-pod", root.name]), out["tmp"]  # only the kept clone, nothing else
+    finally:
+        sentinel.unlink(missing_ok=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The operator killed with SIGKILL at 20 seeded moments during a burst of applies, deletes and pod
 failures: no two Jobs of a job ever overlap, attempts are contiguous, nothing is orphaned, and every
-job ends in the state its pods dictate."""
+job ends in the state its pods dictate. And killed at exact moments: after each write of a new job's
+first reconcile, and with a status write in flight."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from kubernetes import client, watch
 
 from tests.conftest import wait_for
 from tests.harness.operator import start_operator
-from tests.integration.jobs import apply, exit_pod, get, pods, tiny
+from tests.integration.jobs import apply, exit_pod, get, pods, running_pods, tiny, wait_state
 
 pytestmark = pytest.mark.cluster
 log = logging.getLogger("chaos")
@@ -134,3 +135,64 @@ def test_operator_survives_sigkill_at_twenty_moments(kube, namespace, control_pl
         return [c.metadata.name for c in children if not any(r.uid in existing for r in c.metadata.owner_references or [])]
 
     wait_for(lambda: not orphans(), 90, "no orphaned children")
+
+
+CREATES_FOR_A_NEW_JOB = 7  # 6 static children and the Job, before the first status write
+
+
+def _children(kube, namespace: str, name: str) -> list:
+    core, rbac = client.CoreV1Api(kube), client.RbacAuthorizationV1Api(kube)
+    selector = f"dhad.dev/job={name}"
+    return (core.list_namespaced_service(namespace, label_selector=selector).items
+            + core.list_namespaced_config_map(namespace, label_selector=selector).items
+            + core.list_namespaced_service_account(namespace, label_selector=selector).items
+            + rbac.list_namespaced_role(namespace, label_selector=selector).items
+            + rbac.list_namespaced_role_binding(namespace, label_selector=selector).items
+            + client.BatchV1Api(kube).list_namespaced_job(namespace, label_selector=selector).items)
+
+
+def test_operator_killed_between_every_pair_of_writes_and_during_status_writes(kube, control_plane, dhad_operator, tmp_path):
+    """A new job's first reconcile makes 7 children (in parallel; the Job after its ServiceAccount)
+    and then writes status: the operator exits right after each of those writes, and with its status
+    write in flight; a fresh operator then brings every job to exactly the state one uninterrupted
+    reconcile would have (all children ours, one Job, attempt 1), and they all succeed."""
+    dhad_operator.stop()
+    core = client.CoreV1Api(kube)
+    moments = [f"after-writes:{k}" for k in range(1, CREATES_FOR_A_NEW_JOB + 2)] + ["in-status:1"]
+    spaces = []
+    try:
+        for i, moment in enumerate(moments):
+            namespace = f"crash-{i}-{SEED % 1000}"
+            core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+            spaces.append(namespace)
+            wait_for(lambda ns=namespace: core.read_namespaced_service_account("default", ns), 60, "default SA")
+            crashing = start_operator(control_plane, tmp_path, f"crash-{i}", {"DHAD_TEST_CRASH": moment, "DHAD_WATCH_NAMESPACES": namespace})
+            apply(kube, namespace, tiny("sft", resources={"nodes": 2, "gpusPerNode": 0}), "crashed")  # CPU pods: all fit at once
+            wait_for(lambda p=crashing: p.popen.poll() is not None, 60, f"the operator exits at {moment}")
+            assert crashing.popen.returncode == 137, crashing.popen.returncode
+            crashing.stop()
+            made = _children(kube, namespace, "crashed")
+            if moment.startswith("after-writes"):
+                writes = int(moment.split(":")[1])
+                assert min(writes, CREATES_FOR_A_NEW_JOB) <= len(made) <= CREATES_FOR_A_NEW_JOB, (moment, [c.metadata.name for c in made])
+                assert (get(kube, namespace, "SFTJob", "crashed").get("status") or {}).get("attempt", 0) == (1 if writes > CREATES_FOR_A_NEW_JOB else 0)
+        operator = start_operator(control_plane, tmp_path, "after-the-crashes")
+        try:
+            for namespace in spaces:
+                running = running_pods(kube, namespace, "crashed", 1, 2, 60)
+                uid = get(kube, namespace, "SFTJob", "crashed")["metadata"]["uid"]
+                made = wait_for(lambda ns=namespace: (lambda found: found if len(found) == CREATES_FOR_A_NEW_JOB else None)(
+                    _children(kube, ns, "crashed")), 30, "every child")
+                assert all(child.metadata.owner_references[0].uid == uid for child in made)
+                assert [j.metadata.name for j in client.BatchV1Api(kube).list_namespaced_job(namespace).items] == ["crashed-sft-1"]
+                for pod in running:
+                    exit_pod(kube, namespace, pod, 0)
+            for namespace in spaces:
+                done = wait_state(kube, namespace, "SFTJob", "crashed", "Succeeded", 60)
+                assert done["status"]["attempt"] == 1 and done["status"].get("restarts", 0) == 0
+        finally:
+            operator.stop()
+    finally:
+        for namespace in spaces:
+            core.delete_namespace(namespace)
+        dhad_operator.start()

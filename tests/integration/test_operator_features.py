@@ -9,6 +9,7 @@ from kubernetes import client
 
 from tests.conftest import wait_for
 from tests.integration.jobs import (
+    FINISH,
     PLURAL,
     apply,
     exit_pod,
@@ -22,7 +23,6 @@ from tests.integration.jobs import (
 )
 
 pytestmark = pytest.mark.cluster
-FINISH = {"annotations": {"dhad.test/kwok-exit": "0", "dhad.test/kwok-delay": "1s"}}
 
 
 def test_suspend_stops_pods_and_resume_starts_a_new_attempt(kube, namespace, dhad_operator):

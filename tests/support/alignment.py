@@ -87,6 +87,21 @@ def write_pairs(directory: Path, n_train: int = 8, n_heldout: int = 4) -> Path:
     return directory
 
 
+def assert_ranks_trained_one_model(results: list[dict], start: Path) -> str:
+    """Every rank ended training with the same weights, they are the saved model's, and they moved off
+    `start`: the ranks trained one model together (DDP keeps replicas identical), not each its own."""
+    from transformers import AutoModelForCausalLM
+
+    from dhad_trainer.runtime.callbacks import weights_sha256
+
+    digests = [r["weights_sha256"] for r in results]
+    assert len(digests) >= 2 and None not in digests and len(set(digests)) == 1, digests
+    saved = weights_sha256(AutoModelForCausalLM.from_pretrained(results[0]["model_dir"]))
+    assert saved == digests[0], "the saved model is not the weights the ranks trained"
+    assert weights_sha256(AutoModelForCausalLM.from_pretrained(start)) != saved, "training changed nothing"
+    return saved
+
+
 def step(stage: str, spec, root: Path, model_dir: Path, inputs: dict | None = None, *, name: str | None = None,
          **extra) -> dict:
     """One stage for `torchrun_stages`; its StageRun gets root/work and root/out. `name` keys its results

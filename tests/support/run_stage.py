@@ -4,7 +4,8 @@ policy stage, a reward function as "module:name"); starts the gloo process group
 from torchrun's env and calls `dhad_trainer.stages.<stage>.run` in order (several stages share one launch to
 save process start-up). A spec's `distributed` is honoured as the worker does it: DeepSpeed's config (and
 comm layer) or FSDP's arguments reach the StageRun. Each rank writes root/result-rank<r>.json per step, with
-the seconds the step took."""
+the seconds the step took and the sha256 of the weights it ended training with under plain DDP (None for a
+stage that does not train, and under ZeRO-3 or FSDP, where a rank holds shards)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from dhad_api import jobs
+from dhad_trainer.runtime.callbacks import WeightsDigest
 from dhad_trainer.stages.base import StageRun
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,10 +38,12 @@ def run_step(step: dict, rank: int, world: int) -> None:
     fsdp = fsdp_config.build(spec.distributed, 1, world)
     if fsdp is not None:
         fsdp_config.enable_on_cpu()
+    digest = WeightsDigest(rank)  # replicas only: ZeRO-3 and FSDP ranks hold shards
     run = StageRun(spec=spec, stage=step["stage"], model_dir=Path(step["model_dir"]), work_dir=root / "work",
                    output_dir=root / "out", inputs={k: Path(v) for k, v in step["inputs"].items()}, deepspeed=ds,
                    fsdp=fsdp, rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)), use_cpu=True,
-                   resume_from=Path(step["resume_from"]) if step.get("resume_from") else None)
+                   resume_from=Path(step["resume_from"]) if step.get("resume_from") else None,
+                   callbacks=[digest] if ds is None and fsdp is None else [])
     kwargs = {}
     if step.get("reward_function"):
         module, name = step["reward_function"].split(":")
@@ -47,7 +51,8 @@ def run_step(step: dict, rank: int, world: int) -> None:
     started = time.monotonic()
     result = importlib.import_module(f"dhad_trainer.stages.{step['stage']}").run(run, **kwargs)
     doc = {"metrics": result.metrics, "model_dir": str(result.model_dir) if result.model_dir else None,
-           "output_dir": str(run.output_dir), "world_size": world, "seconds": round(time.monotonic() - started, 1)}
+           "output_dir": str(run.output_dir), "world_size": world, "seconds": round(time.monotonic() - started, 1),
+           "weights_sha256": digest.sha256}
     (root / f"result-rank{rank}.json").write_text(json.dumps(doc, default=str), encoding="utf-8")
 
 

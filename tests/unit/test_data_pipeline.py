@@ -32,8 +32,9 @@ from dhad_trainer.data.normalize import make_normalizer, match_words
 from dhad_trainer.data.pack import Packer, pack_texts, tokenize_batches
 from dhad_trainer.data.prepare import prepare
 from dhad_trainer.data.readers import iter_jsonl, iter_parquet, iter_source, iter_text, resolve
+from tests.conftest import ACEGPT
 
-EXAMS = Path("/work/shared/benchmarks/acegpt/EXAMS_Arabic/exam_test.jsonl")
+EXAMS = ACEGPT / "EXAMS_Arabic" / "exam_test.jsonl"
 
 # Documents written for these tests, on unrelated topics so none is a near duplicate of another.
 DOC_A = (
@@ -283,7 +284,7 @@ def test_decontamination_13_word_span():
     assert not short.is_contaminated(match_words("ما عاصمة مصر"))
 
 
-@pytest.mark.skipif(not EXAMS.exists(), reason="shared EXAMS benchmark not present")
+@pytest.mark.benchmarks
 def test_decontamination_against_real_exams_questions():
     deco = build_decontaminator(DecontaminationSpec(benchmarks=[str(EXAMS)]))
     assert deco.questions > 400

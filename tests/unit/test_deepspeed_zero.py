@@ -35,7 +35,7 @@ def setup(s3_server, s3_bucket, tmp_path_factory):
     store = open_store(base)
     store.upload_dir(init_tiny_model(tmp / "tiny", seed=0), f"{base}/models/tiny")
     store.put_bytes(f"{base}/data/corpus.txt", DEFAULT_CORPUS.read_bytes())
-    env = {**s3_server.env(), "TORCH_EXTENSIONS_DIR": str(os.path.expanduser("~/.cache/dhad/torch-extensions")),
+    env = {**s3_server.env(), "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],  # set by tests/conftest.py
            "DHAD_PREPARED_ROOT": f"{base}/prepared"}
     return tmp, base, store, env
 

@@ -139,7 +139,7 @@ def test_concurrency_bound_holds_across_batches():
         other.join()
         peak = srv.peak_in_flight
     assert all(r.ok for r in results)
-    assert 2 <= peak <= 3
+    assert peak == 3  # 18 requests of 0.1 s queued behind a bound of 3: the bound is reached, never passed
 
 
 def test_requests_per_minute_paces_a_burst():

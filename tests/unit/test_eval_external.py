@@ -10,9 +10,9 @@ import pytest
 
 from dhad_trainer.cli import main
 from dhad_trainer.evaluation.external import score_outputs
+from tests.conftest import ACEGPT as BENCH
 
-BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "benchmarks" / "acegpt"
-pytestmark = pytest.mark.skipif(not BENCH.is_dir(), reason=f"benchmark files not found at {BENCH}")
+pytestmark = pytest.mark.benchmarks
 ARABIC = {"A": "أ", "B": "ب", "C": "ج", "D": "د"}
 
 

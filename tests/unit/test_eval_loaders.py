@@ -18,9 +18,9 @@ from dhad_trainer.evaluation.loaders import (
     sample_summary,
 )
 from dhad_trainer.evaluation.mmlu_subjects import CATEGORIES, SUBJECT_CATEGORY
+from tests.conftest import ACEGPT as BENCH
 
-BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "benchmarks" / "acegpt"
-pytestmark = pytest.mark.skipif(not BENCH.is_dir(), reason=f"benchmark files not found at {BENCH}")
+pytestmark = pytest.mark.benchmarks
 
 
 def test_mmlu_counts_subjects_and_categories() -> None:

@@ -13,6 +13,7 @@ from dhad_trainer.evaluation.mmlu_subjects import CATEGORIES
 from dhad_trainer.evaluation.prompts import build_prompt, continuations, shots_by_subject
 from dhad_trainer.evaluation.report import write_report
 from dhad_trainer.evaluation.scoring import GENERATE, JUDGED, LOGLIKELIHOOD, PAIRWISE, score_suite
+from tests.conftest import ACEGPT
 
 CHOICES = {"A": "واحد", "B": "اثنان", "C": "ثلاثة", "D": "أربعة"}
 
@@ -201,10 +202,10 @@ class PreferModelScores:
         return [Scored((score(a), score(b)), "ok") for _, a, b in items]
 
 
-BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "benchmarks" / "acegpt"
+BENCH = ACEGPT  # the scripted replies line up with the real files' batches (on the samples, other counts)
 
 
-@pytest.mark.skipif(not BENCH.is_dir(), reason=f"benchmark files not found at {BENCH}")
+@pytest.mark.benchmarks
 def test_several_models_side_by_side(tmp_path: Path) -> None:
     from dhad_trainer.evaluation.job import EvalSettings, run_eval
 

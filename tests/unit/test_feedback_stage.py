@@ -9,15 +9,13 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-pytest.importorskip("transformers")
-
-from dhad_api.stages import Endpoint  # noqa: E402
-from dhad_trainer.llm.judges import FORCED, OK, REFUSED, UNPARSEABLE, EndpointJudge, endpoint_config  # noqa: E402
-from dhad_trainer.runtime.callbacks import ProgressCallback  # noqa: E402
-from dhad_trainer.runtime.distributed import Cluster  # noqa: E402
-from dhad_trainer.runtime.progress import FileSink, ProgressReporter  # noqa: E402
-from dhad_trainer.stages import feedback  # noqa: E402
-from dhad_trainer.stages.alignment import (  # noqa: E402
+from dhad_api.stages import Endpoint
+from dhad_trainer.llm.judges import FORCED, OK, REFUSED, UNPARSEABLE, EndpointJudge, endpoint_config
+from dhad_trainer.runtime.callbacks import ProgressCallback
+from dhad_trainer.runtime.distributed import Cluster
+from dhad_trainer.runtime.progress import FileSink, ProgressReporter
+from dhad_trainer.stages import feedback
+from dhad_trainer.stages.alignment import (
     HELD_OUT,
     TRAIN,
     ShardCache,
@@ -26,9 +24,9 @@ from dhad_trainer.stages.alignment import (  # noqa: E402
     read_prompts,
     split_of,
 )
-from tests.support.alignment import distributed_chain, rlaif_spec, stage_run, tiny_lm  # noqa: E402
-from tests.support.openai_server import OpenAIServer, Reply  # noqa: E402
-from tests.unit.test_judge import answers  # noqa: E402
+from tests.support.alignment import distributed_chain, rlaif_spec, stage_run, tiny_lm
+from tests.support.openai_server import OpenAIServer, Reply
+from tests.unit.test_judge import answers
 
 MARKERS = ["[good] ما عاصمة اليمن؟", "[good] اكتب بيتًا عن الصبر.", "[flip] صف البحر.", "[tie] ما لون الرمل؟",
            "[garbage] عدّد ثلاث فواكه.", "[refuse] من أنت؟"]

@@ -107,7 +107,6 @@ def test_endpoint_judge_reports_a_malformed_http_body_as_error():
 
 @pytest.fixture(scope="module")
 def tiny_judge_dir():
-    pytest.importorskip("transformers")
     from tests.support.alignment import tiny_lm
 
     return tiny_lm()

@@ -191,7 +191,16 @@ def test_torchrun_command_and_thread_budget(model_dir, monkeypatch):
     monkeypatch.setenv("NPROC_PER_NODE", "1")
     cmd, nproc = launcher.torchrun_command(Job.model_validate(doc), "/etc/dhad/job.json", "pretrain")
     assert nproc == 1 and "--nnodes 1 --nproc-per-node 1 " in " ".join(cmd)
-    assert launcher.cpu_count() >= 1
+
+
+def test_cpu_count_is_the_affinity_capped_by_the_cgroup_quota(tmp_path):
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    for text, expected in [("max 100000", affinity), ("50000 100000", 1), ("150000 100000", min(affinity, 2)),
+                           (f"{(affinity + 3) * 100000} 100000", affinity), ("garbage", affinity)]:
+        cpu_max.write_text(text)
+        assert launcher.cpu_count(cpu_max) == expected, text
+    assert launcher.cpu_count(tmp_path / "absent") == affinity  # no cgroup v2: the affinity alone
 
 
 def test_stage_modules_are_found_by_name():

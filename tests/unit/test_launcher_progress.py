@@ -4,6 +4,8 @@ token that may patch only that ConfigMap; coalesced; a final report always; sink
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 import urllib.error
 
@@ -19,18 +21,43 @@ from dhad_trainer.runtime.progress import (
 )
 
 
+class RecordingSink:
+    """Keeps every report; `wait(n)` blocks until n reports arrived (the reporter sends from a thread)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.reports: list[dict] = []
+        self.fail = fail
+        self.arrived = threading.Condition()
+
+    def __call__(self, report: dict) -> None:
+        with self.arrived:
+            self.reports.append(report)
+            self.arrived.notify_all()
+        if self.fail:
+            raise OSError("apiserver down")
+
+    def wait(self, n: int, timeout: float = 10) -> None:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.reports) >= n, timeout), self.reports
+
+
 def test_reporter_coalesces_and_always_sends_a_final_report(tmp_path):
-    sink = FileSink(tmp_path / "p.jsonl")
-    reporter = ProgressReporter(sink, "pretrain", interval=0.5)
-    for step in range(1, 51):
+    sink = RecordingSink()
+    reporter = ProgressReporter(sink, "pretrain", interval=60)
+    reporter.update(step=1, loss=10.0, totalSteps=50)
+    sink.wait(1)  # the first report goes out at once; the next not before the interval
+    for step in range(2, 51):
         reporter.update(step=step, loss=10.0 / step, totalSteps=50)
-        time.sleep(0.005)
     reporter.close(final=True, outputModel="s3://b/model")
-    reports = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-    assert 1 <= len(reports) <= 4  # 50 updates in ~0.3 s: coalesced
-    last = reports[-1]
-    assert last["final"] and last["step"] == 50 and last["stage"] == "pretrain" and last["updatedAt"].endswith("Z")
-    assert [r["step"] for r in reports] == sorted(r["step"] for r in reports)
+    first, last = sink.reports
+    assert {k: first[k] for k in ("stage", "step", "loss", "totalSteps")} == {"stage": "pretrain", "step": 1, "loss": 10.0, "totalSteps": 50}
+    assert last["final"] and last["step"] == 50 and last["loss"] == 10.0 / 50 and last["outputModel"] == "s3://b/model"
+    assert last["updatedAt"].endswith("Z") and "final" not in first  # steps 2..49 were coalesced away
+
+    file_sink = FileSink(tmp_path / "p.jsonl")  # the local-mode sink writes what it is given, one line each
+    for report in sink.reports:
+        file_sink(report)
+    assert [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()] == sink.reports
 
 
 def test_sink_selection(tmp_path):
@@ -41,13 +68,16 @@ def test_sink_selection(tmp_path):
     assert isinstance(kube, KubeConfigMapSink) and kube.url == "https://10.0.0.1:443/api/v1/namespaces/team/configmaps/j-pt-progress"
 
 
-def test_a_failing_sink_never_fails_training():
-    def broken(report):
-        raise OSError("apiserver down")
-
-    reporter = ProgressReporter(broken, "sft", interval=0)
-    reporter.update(step=1)
-    reporter.close(final=True)  # no exception
+def test_a_failing_sink_never_fails_training(caplog):
+    sink = RecordingSink(fail=True)
+    reporter = ProgressReporter(sink, "sft", interval=0)
+    with caplog.at_level(logging.WARNING, logger="dhad_trainer.runtime.progress"):
+        reporter.update(step=1)
+        sink.wait(1)
+        reporter.close(final=True)  # no exception
+    assert [(r["step"], r.get("final", False)) for r in sink.reports] == [(1, False), (1, True)]  # both attempted
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["progress report not delivered: apiserver down"]  # once a minute, not per report
 
 
 @pytest.mark.cluster

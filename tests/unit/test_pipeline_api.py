@@ -46,7 +46,7 @@ def test_a_stage_field_replaces_the_default_as_a_whole_and_unset_fields_take_it(
     merged_sft = P.merged_spec(parsed, sft, {"pretrain": "s3://dhad-demo/x/model"})
     merged_rlaif = P.merged_spec(parsed, rlaif, {"sft": "s3://dhad-demo/y/model"})
     # sft sets resources {nodes 2, cpu 1, 4Gi}: nothing of the default's (1 node, cpu 2, 6Gi) leaks in
-    assert merged_sft["resources"] == {"nodes": 2, "gpusPerNode": 0, "cpu": "1", "memory": "4Gi", "sharedMemory": "256Mi"}
+    assert merged_sft["resources"] == {"nodes": 2, "gpusPerNode": 0, "cpu": "1", "memory": "4Gi", "sharedMemory": "256Mi", "extra": {}}
     assert merged_rlaif["resources"]["cpu"] == "2" and merged_rlaif["resources"]["memory"] == "6Gi"
     assert merged_rlaif["storage"]["bucket"] == "dhad-demo" and merged_rlaif["checkpoint"]["intervalSteps"] == 10
     # fromJob naming a stage became that stage's output, everywhere a model is referenced

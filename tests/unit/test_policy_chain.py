@@ -6,15 +6,14 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from dhad_trainer.stages import feedback, policy, reward, sft  # noqa: E402
-from dhad_trainer.stages.alignment import TRAIN, read_pairs, read_prompts  # noqa: E402
-from tests.support.alignment import rlaif_spec, sft_spec, stage_run, tiny_lm  # noqa: E402
-from tests.support.openai_server import OpenAIServer, Reply  # noqa: E402
-from tests.unit.test_judge import answers  # noqa: E402
+from dhad_trainer.stages import feedback, policy, reward, sft
+from dhad_trainer.stages.alignment import TRAIN, read_pairs, read_prompts
+from tests.support.alignment import rlaif_spec, sft_spec, stage_run, tiny_lm
+from tests.support.openai_server import OpenAIServer, Reply
+from tests.unit.test_judge import answers
 
 ARABIC = re.compile(r"[\u0621-\u064A]")
 

@@ -4,14 +4,14 @@ and GRPO under 2-process torchrun. The reward model here is the tiny LM read as 
 from __future__ import annotations
 
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from dhad_api.stages import PolicyAlgorithm  # noqa: E402
-from dhad_trainer.stages import policy  # noqa: E402
-from tests.support.alignment import (  # noqa: E402
+from dhad_api.stages import PolicyAlgorithm
+from dhad_trainer.stages import policy
+from tests.support.alignment import (
     StepRecorder,
+    assert_ranks_trained_one_model,
     distributed_chain,
     rlaif_spec,
     stage_run,
@@ -106,3 +106,5 @@ def test_two_process_torchrun_grpo():
     assert all(r["metrics"]["steps"] == 2 and r["metrics"]["algorithm"] == "grpo" for r in results)
     model = transformers.AutoModelForCausalLM.from_pretrained(results[0]["model_dir"])
     assert type(model).__name__ == "LlamaForCausalLM"
+    sft_model = distributed_chain()["sft"][0]["model_dir"]  # GRPO started from the 2-process SFT model
+    assert_ranks_trained_one_model(results, start=sft_model)

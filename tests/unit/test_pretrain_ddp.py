@@ -2,6 +2,7 @@
 an uninterrupted run, a run that crashes after its step-4 checkpoint, and its rerun, which must resume
 at step 4 and then see the same batches and losses as the uninterrupted run. Each run is the prepare
 sub-stage's pod, then the pretrain sub-stage's: the second job and the rerun find the data prepared.
+Both ranks end with the weights that were saved (the DDP replicas stayed one model).
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ def runs(s3_server, s3_bucket, tmp_path_factory):
     out = {"base": base, "store": store, "prepared": {}}
     env = {**env, "DHAD_PREPARED_ROOT": f"{base}/prepared"}
 
-    def launch(uid: str, folder, extra: dict) -> Launch:
-        out["prepared"][folder.name] = prepare_job(doc(uid), folder / "prepare", env).log
-        return Launch.start(doc(uid), folder, {**env, "DHAD_STAGE": "pretrain", **extra})
+    def launch(uid: str, folder, extra: dict, job: dict | None = None, nproc: int = 2) -> Launch:
+        job = job or doc(uid)
+        out["prepared"][folder.name] = prepare_job(job, folder / "prepare", env).log
+        return Launch.start(job, folder, {**env, "DHAD_STAGE": "pretrain", **extra}, nproc=nproc)
 
-    full = launch("a", tmp / "a", {"DHAD_TEST_BATCH_LOG": str(tmp / "a" / "batches")})
+    full = launch("a", tmp / "a", {"DHAD_TEST_BATCH_LOG": str(tmp / "a" / "batches"),
+                                   "DHAD_TEST_WEIGHTS_FILE": str(tmp / "a" / "weights")})
     out["a"] = (full, full.wait())
     crashed = launch("b", tmp / "b1", {"DHAD_TEST_CRASH_AT_STEP": "5", "DHAD_TEST_CRASH_RANK": "1"})
     out["crash"] = (crashed, crashed.wait())
@@ -128,3 +131,17 @@ def test_rerun_resumes_at_step_4_with_the_same_data_and_losses(runs):
         assert batches(launch, rank) == batches(full, rank)[4:]  # steps 5..8, same blocks, same order
     expected, got = losses(runs["store"], f"{runs['base']}/a"), losses(runs["store"], f"{runs['base']}/b")
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_both_ranks_end_with_the_weights_that_were_saved(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dhad_trainer.runtime.callbacks import weights_sha256
+
+    launch, code = runs["a"]
+    assert code == 0, launch.log[-4000:]
+    rank0, rank1 = ((launch.dir / f"weights.rank{r}").read_text() for r in (0, 1))
+    assert rank0 == rank1  # DDP replicas stayed identical through every step
+    runs["store"].download_dir(f"{runs['base']}/a/pretrain/model", tmp_path / "model")
+    assert weights_sha256(AutoModelForCausalLM.from_pretrained(tmp_path / "model")) == rank0
+

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from dhad_api.jobs import PretrainJobSpec  # noqa: E402
-from dhad_trainer.local.tiny import init_tiny_model  # noqa: E402
-from dhad_trainer.stages.pretrain import PackedCollator, max_steps_for  # noqa: E402
+from dhad_api.jobs import PretrainJobSpec
+from dhad_trainer.local.tiny import init_tiny_model
+from dhad_trainer.stages.pretrain import PackedCollator, max_steps_for
 
 
 @pytest.fixture(scope="module")

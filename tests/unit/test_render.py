@@ -18,11 +18,13 @@ from dhad_api.naming import HOSTNAME_LIMIT, MAX_NAME_LENGTH, MAX_NODES, STAGE_CO
 from dhad_operator.render import (
     KUEUE_QUEUE_LABEL,
     RESTRICTED_CONTAINER,
+    WORK_DIR,
     Defaults,
     Owner,
     static_children,
     training_job,
 )
+from tests.conftest import in_ci
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [p for p in sorted((REPO / "examples" / "tiny").glob("*.yaml")) if p.stem != "pipeline"]  # a Pipeline renders no pods itself
@@ -41,14 +43,16 @@ def load(example: str, **changes) -> dict:
     return doc
 
 
-def render(doc: dict, attempt: int = 1, stage: str | None = None, avoid: list[str] | None = None):
+def render(doc: dict, attempt: int = 1, stage: str | None = None, avoid: list[str] | None = None,
+           defaults: Defaults = DEFAULTS):
     """(owner, spec, static children, the stage's Job)."""
     owner = Owner(doc["kind"], doc["metadata"]["name"], NS, UID)
     spec = parse_spec(doc["kind"], doc["spec"])
     root = output_root(spec.storage, NS, owner.name, UID)
     resolved = {"modelUri": "s3://dhad-demo/models/start", "outputRoot": root}
     stage = stage or KINDS[JobKind(doc["kind"])].stages[-1]
-    return owner, spec, static_children(owner, spec, resolved), training_job(owner, spec, stage, attempt, DEFAULTS, avoid)
+    return (owner, spec, static_children(owner, spec, resolved, defaults),
+            training_job(owner, spec, stage, attempt, defaults, avoid))
 
 
 def container(job: dict) -> dict:
@@ -120,8 +124,10 @@ def test_job_is_an_indexed_gang_without_retries(path):
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}
     assert volumes["job"]["configMap"]["name"] == by_kind(children)["ConfigMap"][0]["metadata"]["name"]
-    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/etc/dhad", "/dev/shm"}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/etc/dhad", "/dev/shm", "/tmp", WORK_DIR}
+    assert volumes["work"] == {"name": "work", "emptyDir": {"sizeLimit": "100Gi"}}  # scratch never in the writable layer
     env = env_of(job)
+    assert env["DHAD_WORK_DIR"]["value"] == WORK_DIR
     assert env["MASTER_ADDR"]["value"] == f"{job['metadata']['name']}-0.{service}"
     assert env["NNODES"]["value"] == str(nodes) and env["DHAD_ATTEMPT"]["value"] == "2"
     assert env["DHAD_JOB_UID"]["value"] == UID
@@ -259,10 +265,10 @@ def test_pod_template_overrides_land_on_the_pod():
     assert pod["nodeSelector"] == {"gpu": "h100"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert {"name": "ib", "hostPath": {"path": "/dev/infiniband"}} in pod["volumes"]
-    assert {v["name"] for v in pod["volumes"]} == {"job", "dshm", "ib"}
+    assert {v["name"] for v in pod["volumes"]} == {"job", "dshm", "tmp", "work", "ib"}
     c = container(job)
     assert {"name": "ib", "mountPath": "/dev/infiniband"} in c["volumeMounts"]
-    assert c["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+    assert c["securityContext"] == {**RESTRICTED_CONTAINER, "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}
     assert c["image"] == "registry.example.com/dhad/trainer:dev"
     assert (pod["schedulerName"], pod["priorityClassName"]) == ("volcano", "training-high")
 
@@ -323,12 +329,28 @@ def golden_children() -> str:
 
 
 def test_golden_sft_children():
+    """DHAD_UPDATE_GOLDEN=1 rewrites the file on a developer's machine and fails the run, so the change is
+    reviewed (git diff) and the test passes only on a run that compares; CI never rewrites it."""
     text = golden_children()
     if os.environ.get("DHAD_UPDATE_GOLDEN") == "1":
+        if in_ci():
+            pytest.fail("DHAD_UPDATE_GOLDEN is set under CI: the golden file is compared in CI, never rewritten")
+        changed = not GOLDEN.exists() or GOLDEN.read_text() != text
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(text)
+        pytest.fail(f"golden file {'rewritten' if changed else 'unchanged'}: review `git diff {GOLDEN.name}`, "
+                    "then run again without DHAD_UPDATE_GOLDEN")
     assert GOLDEN.exists(), "run with DHAD_UPDATE_GOLDEN=1 to write the golden file"
     assert GOLDEN.read_text() == text, "rendered children changed: review, then regenerate with DHAD_UPDATE_GOLDEN=1"
+
+
+def test_ci_refuses_to_rewrite_the_golden_file(monkeypatch):
+    before = GOLDEN.read_bytes()
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setenv("DHAD_UPDATE_GOLDEN", "1")
+    with pytest.raises(pytest.fail.Exception, match="never rewritten"):
+        test_golden_sft_children()
+    assert GOLDEN.read_bytes() == before
 
 
 def test_every_env_name_the_operator_sets_is_reserved_in_the_api():
@@ -344,6 +366,117 @@ def test_every_env_name_the_operator_sets_is_reserved_in_the_api():
     job = training_job(Owner("RLAIFJob", "x", "ns", "uid"), spec, "feedback", 1, Defaults())
     names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert names - {e.name for e in spec.env} <= set(RESERVED_ENV), names - set(RESERVED_ENV)
+
+
+# --- production pod fields (issue 15.5) ------------------------------------------------------------
+
+def test_security_context_is_merged_onto_the_restricted_defaults_never_replacing_them():
+    asked = {"capabilities": {"add": ["IPC_LOCK"]}, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000,
+             "readOnlyRootFilesystem": True}
+    job = render(load("sft", podTemplate={"securityContext": asked}))[3]
+    pod = job["spec"]["template"]["spec"]
+    assert container(job)["securityContext"] == {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}, "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"}, "runAsUser": 1000, "runAsGroup": 1000, "readOnlyRootFilesystem": True}
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}, "fsGroup": 2000}
+    assert RESTRICTED_CONTAINER["capabilities"] == {"drop": ["ALL"]}  # the shared default was not mutated
+
+
+@pytest.mark.parametrize("pod_template,field", [
+    ({"securityContext": {"privileged": True}}, "spec.podTemplate.securityContext"),
+    ({"securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}, "spec.podTemplate.securityContext"),
+    ({"hostNetwork": True}, "spec.podTemplate.hostNetwork"),
+    ({"hostIPC": True}, "spec.podTemplate.hostIPC"),
+    ({"volumes": [{"name": "ib", "hostPath": {"path": "/dev/infiniband"}}]}, "spec.podTemplate.volumes[0].hostPath"),
+])
+def test_privileged_host_namespaces_and_host_path_fail_the_job_unless_the_platform_allows_them(pod_template, field):
+    from datetime import UTC, datetime
+
+    from dhad_operator.reconcile import Observed, decide
+
+    doc = load("pretrain", podTemplate=pod_template)  # a direct model URI: nothing to wait for
+    doc["metadata"] |= {"uid": UID, "generation": 1}
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    refused = decide(doc, Observed(), now, Defaults())
+    assert refused.status["state"] == "Failed" and refused.create == []
+    (failed,) = [c for c in refused.status["conditions"] if c["type"] == "Failed"]
+    assert failed["reason"] == "InvalidSpec" and field in failed["message"] and "trainer.allowPrivileged" in failed["message"]
+    allowed = decide(doc, Observed(), now, Defaults(allow_privileged=True))
+    assert allowed.status["state"] == "Pending" and [c["kind"] for c in allowed.create][-1] == "Job"
+
+
+def test_privileged_and_host_network_render_as_kubernetes_requires_when_allowed():
+    doc = load("sft", podTemplate={"securityContext": {"privileged": True}, "hostNetwork": True})
+    job = render(doc, defaults=Defaults(allow_privileged=True))[3]
+    pod = job["spec"]["template"]["spec"]
+    context = container(job)["securityContext"]
+    assert context["privileged"] is True and context["allowPrivilegeEscalation"] is True  # the apiserver refuses privileged without it
+    assert context["capabilities"] == {"drop": ["ALL"]} and context["runAsNonRoot"] is True
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert "hostNetwork" not in render(load("sft"))[3]["spec"]["template"]["spec"]
+
+
+def test_image_pull_secrets_and_extra_resources_land_on_the_pod():
+    doc = load("sft", podTemplate={"imagePullSecrets": [{"name": "registry-creds"}]},
+               resources={"nodes": 2, "gpusPerNode": 8, "extra": {"rdma/ib": "1", "ephemeral-storage": "200Gi"}})
+    job = render(doc)[3]
+    assert job["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "registry-creds"}]
+    resources = container(job)["resources"]
+    assert resources["limits"] == {"rdma/ib": "1", "ephemeral-storage": "200Gi", "nvidia.com/gpu": "8"}
+    assert resources["requests"] == resources["limits"]
+    assert "imagePullSecrets" not in render(load("sft"))[3]["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("work,volume,sub_path", [
+    ({"size": "500Gi"}, {"emptyDir": {"sizeLimit": "500Gi"}}, None),
+    ({"type": "ephemeral", "size": "1Ti", "storageClassName": "local-nvme"},
+     {"ephemeral": {"volumeClaimTemplate": {"metadata": {"labels": {"dhad.dev/job": "tiny-sft", "dhad.dev/kind": "SFTJob"}},
+                                            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Ti"}},
+                                                     "storageClassName": "local-nvme"}}}}, None),
+    ({"type": "persistentVolumeClaim", "claimName": "scratch"}, {"persistentVolumeClaim": {"claimName": "scratch"}},
+     "tiny-sft-sft/$(JOB_COMPLETION_INDEX)"),
+])
+def test_work_volume_backs_dhad_work_dir(work, volume, sub_path):
+    job = render(load("sft", podTemplate={"workVolume": work}))[3]
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["work"] == {"name": "work", **volume}
+    (mount,) = [m for m in container(job)["volumeMounts"] if m["name"] == "work"]
+    assert mount["mountPath"] == WORK_DIR == env_of(job)["DHAD_WORK_DIR"]["value"]
+    assert mount.get("subPathExpr") == sub_path
+
+
+def test_storage_defaults_apply_only_to_jobs_that_leave_them_empty():
+    platform = Defaults(storage_endpoint="https://minio.storage.svc:9000", storage_secret="platform-s3")
+    doc = load("sft")
+    doc["spec"]["storage"] = {"bucket": "llm-training"}
+    env = env_of(render(doc, defaults=platform)[3])
+    assert env["AWS_ENDPOINT_URL"]["value"] == "https://minio.storage.svc:9000"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "platform-s3", "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "platform-s3", "key": "AWS_SECRET_ACCESS_KEY"}}
+    own = env_of(render(load("sft"), defaults=platform)[3])  # the example names its own endpoint and Secret
+    assert own["AWS_ENDPOINT_URL"]["value"] == "http://dhad-s3.dhad-system.svc:8333"
+    assert own["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "dhad-s3"
+    bare = env_of(render(doc)[3])
+    assert "AWS_ENDPOINT_URL" not in bare and "AWS_ACCESS_KEY_ID" not in bare
+
+
+def test_per_job_service_account_carries_the_platform_and_job_annotations():
+    platform = Defaults(service_account_annotations={"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/platform",
+                                                     "team": "platform"})
+    doc = load("sft", podTemplate={"serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/nlp"}})
+    (sa,) = by_kind(render(doc, defaults=platform)[2])["ServiceAccount"]
+    assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/nlp", "team": "platform"}
+    (plain,) = by_kind(render(load("sft"))[2])["ServiceAccount"]
+    assert "annotations" not in plain["metadata"]
+
+
+def test_named_service_account_runs_the_pods_and_gets_the_progress_binding():
+    owner, _, children, job = render(load("sft", podTemplate={"serviceAccountName": "gke-trainer"}))
+    kinds = by_kind(children)
+    assert "ServiceAccount" not in kinds  # the operator never creates or deletes the user's ServiceAccount
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "gke-trainer"
+    (binding,) = kinds["RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "gke-trainer", "namespace": NS}]
 
 
 def test_prepare_is_an_indexed_job_of_independent_cpu_workers():

@@ -202,9 +202,9 @@ def test_messages_parquet_from_s3_system_prompt_and_n_responses(tmp_path):
     ]
     buf = pa.BufferOutputStream()
     pq.write_table(pa.table({"conv": chats}), buf)
-    store = DictStore({"s3://b/prompts/part-0.parquet": buf.getvalue().to_pybytes()})
+    store = DictStore({"s3://bkt/prompts/part-0.parquet": buf.getvalue().to_pybytes()})
     with server() as srv:
-        run = make_run(tmp_path, srv.base_url, [{"uri": "s3://b/prompts/", "schema": "messages",
+        run = make_run(tmp_path, srv.base_url, [{"uri": "s3://bkt/prompts/", "schema": "messages",
                        "fields": {"messages": "conv"}}], systemPrompt="أنت مساعد عربي مفيد.",
                        responsesPerPrompt=2, generation={"temperature": 0.2, "maxNewTokens": 64})
         run.data_store = store

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
+import transformers
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from dhad_api.jobs import SFTJobSpec  # noqa: E402
-from dhad_api.stages import SFTDataset  # noqa: E402
-from dhad_trainer.data.conversations import load_sft_mix  # noqa: E402
-from dhad_trainer.local import tiny  # noqa: E402
-from dhad_trainer.stages import respond as stage  # noqa: E402
-from dhad_trainer.stages.base import StageRun  # noqa: E402
+from dhad_api.jobs import SFTJobSpec
+from dhad_api.stages import SFTDataset
+from dhad_trainer.data.conversations import load_sft_mix
+from dhad_trainer.local import tiny
+from dhad_trainer.stages import respond as stage
+from dhad_trainer.stages.base import StageRun
 
 
 def test_tiny_local_teacher_answers_resumes_from_cache_and_output_loads_as_sft_messages(tmp_path):
@@ -46,7 +43,7 @@ def test_tiny_local_teacher_answers_resumes_from_cache_and_output_loads_as_sft_m
 
     ds, counts = load_sft_mix([SFTDataset(uri=stage.dataset_glob(run.output_dir), schema="messages")])
     assert len(ds) == stats["accepted"] == counts[0]["records"] and counts[0]["bad"] == 0
-    tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(teacher_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(teacher_dir)
     for row in ds:
         assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
         enc = tok.apply_chat_template(row["messages"], return_dict=True, return_assistant_tokens_mask=True)

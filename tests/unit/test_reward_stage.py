@@ -9,12 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from dhad_trainer.stages import reward  # noqa: E402
-from tests.support.alignment import rlaif_spec, stage_run, tiny_lm, write_pairs  # noqa: E402
+from dhad_trainer.stages import reward
+from tests.support.alignment import rlaif_spec, stage_run, tiny_lm, write_pairs
 
 BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks" / "acegpt"
 ACVA_TEST = BENCH / "ArabicCulture" / "difficulty-easy-TF_test.jsonl"
@@ -49,6 +47,14 @@ def test_accuracies_are_reported_and_learned(trained):
     assert json.loads((run.output_dir / reward.EVAL_FILE).read_text()) == m
     model = transformers.AutoModelForSequenceClassification.from_pretrained(result.model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(result.model_dir)
+    # culture accuracy recounted here from the raw set: the saved model scores each chosen and rejected answer
+    rows = [json.loads(line) for line in reward.CULTURE_SET.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(rows) == m["culture_pairs"]
+    def reward_of(row, answer):
+        return reward.score(model, tokenizer, [[{"role": "user", "content": row["prompt"]},
+                                                 {"role": "assistant", "content": row[answer]}]], 256)[0]
+    wins = sum(reward_of(r, "chosen") > reward_of(r, "rejected") for r in rows)
+    assert m["culture_accuracy"] == wins / len(rows)
     prompt = [{"role": "user", "content": "ما عاصمة الأردن؟"}]
     scores = reward.score(model, tokenizer, [prompt + [{"role": "assistant", "content": "عمّان"}]], 256)
     assert len(scores) == 1 and isinstance(scores[0], float)

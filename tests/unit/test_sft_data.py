@@ -12,8 +12,6 @@ from dhad_api.stages import SFTDataset
 from dhad_trainer.data.conversations import ARABIC_SYSTEM_PROMPT, load_prompts, load_sft_mix, mix
 from dhad_trainer.data.readers import DataError
 
-pytest.importorskip("datasets")
-
 USER, ASSISTANT = "ما عاصمة تونس؟", "عاصمة تونس هي مدينة تونس."
 
 

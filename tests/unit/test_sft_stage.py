@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from dhad_trainer.data.chat import IM_END  # noqa: E402
-from dhad_trainer.stages import sft  # noqa: E402
-from tests.support.alignment import StepRecorder, distributed_chain, sft_spec, stage_run, tiny_lm  # noqa: E402
+from dhad_trainer.data.chat import IM_END
+from dhad_trainer.stages import sft
+from tests.support.alignment import (
+    StepRecorder,
+    assert_ranks_trained_one_model,
+    distributed_chain,
+    sft_spec,
+    stage_run,
+    tiny_lm,
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +71,7 @@ def test_two_process_torchrun_sft():
     results = distributed_chain()["sft"]
     assert [r["world_size"] for r in results] == [2, 2]
     assert all(r["metrics"]["steps"] == 2 and r["metrics"]["processes"] == 2 for r in results)  # real DDP
+    assert_ranks_trained_one_model(results, start=tiny_lm())
     model = transformers.AutoModelForCausalLM.from_pretrained(results[0]["model_dir"])
     tokenizer = transformers.AutoTokenizer.from_pretrained(results[0]["model_dir"])
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "مرحبا"}], add_generation_prompt=True,

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("trl")
-
-from dhad_trainer.data.chat import IM_END  # noqa: E402
-from dhad_trainer.stages import sft  # noqa: E402
-from tests.support.alignment import INSTRUCTIONS, sft_spec, stage_run, tiny_lm  # noqa: E402
+from dhad_trainer.data.chat import IM_END
+from dhad_trainer.stages import sft
+from tests.support.alignment import INSTRUCTIONS, sft_spec, stage_run, tiny_lm
 
 
 def build(tmp_path, name, data=None, **training):

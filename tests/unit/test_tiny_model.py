@@ -6,11 +6,10 @@ import json
 import re
 
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from dhad_trainer.local import tiny  # noqa: E402
+from dhad_trainer.local import tiny
 
 SAMPLES = [
     "مرحبًا بكم في مدينة الرياض.",

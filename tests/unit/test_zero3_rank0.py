@@ -16,7 +16,7 @@ import transformers
 from safetensors.torch import load_file
 
 from dhad_trainer.stages.alignment import HELD_OUT, chat_pairs, read_pairs
-from dhad_trainer.stages.reward import load_reward_model, pairwise_accuracy
+from dhad_trainer.stages.reward import CULTURE_SET, load_reward_model, pairwise_accuracy
 from tests.support.alignment import rlaif_spec, sft_spec, step, tiny_lm, torchrun_stages, write_pairs
 
 pytestmark = pytest.mark.torchrun
@@ -67,7 +67,8 @@ def test_reward_accuracy_pass_runs_on_every_rank_and_matches_the_saved_model(zer
     ranks = results["reward"]
     assert [r["world_size"] for r in ranks] == [2, 2]
     m = ranks[0]["metrics"]
-    assert m["heldout_pairs"] == 6 and m["culture_pairs"] == 30
+    culture = CULTURE_SET.read_text(encoding="utf-8").splitlines()  # every pair of the shipped culture set
+    assert m["heldout_pairs"] == 6 and m["culture_pairs"] == len(culture) >= 200
     assert ranks[1]["metrics"]["heldout_accuracy"] == m["heldout_accuracy"]  # both ranks scored the same pairs
     model, tokenizer = load_reward_model(root / "reward" / "out", torch.float32)
     heldout = chat_pairs(read_pairs(root / "feedback", HELD_OUT))

@@ -12,9 +12,10 @@ import csv
 import io
 import json
 import math
+import os
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, Protocol
@@ -26,6 +27,22 @@ SUITES = (ACVA, MMLU, EXAMS, VICUNA, ALPACA)
 MC_SUITES = (MMLU, EXAMS)
 OPEN_SUITES = (VICUNA, ALPACA)
 LETTERS = ("A", "B", "C", "D")
+# Dhad's own few dozen items per suite, written by the team in the AceGPT files' layout and formats
+# (not taken from the benchmarks): what the demo and the tests use where the real files are absent.
+SAMPLE_BENCHMARKS = Path(__file__).resolve().parents[1] / "assets" / "benchmark-samples"
+BENCHMARKS_ENV = "DHAD_BENCHMARKS"
+
+
+def acegpt_files(repo: Path, env: Mapping[str, str] | None = None) -> Path | None:
+    """The real AceGPT files on this machine: $DHAD_BENCHMARKS, else shared/benchmarks/acegpt beside the
+    clone `repo`; None when neither is there. A $DHAD_BENCHMARKS that is not a folder is an error."""
+    configured = (os.environ if env is None else env).get(BENCHMARKS_ENV)
+    if configured:
+        if not Path(configured).is_dir():
+            raise FileNotFoundError(f"{BENCHMARKS_ENV}={configured} is not a folder of AceGPT benchmark files")
+        return Path(configured)
+    shared = Path(repo).resolve().parent / "shared" / "benchmarks" / "acegpt"
+    return shared if shared.is_dir() else None
 YES, NO = "نعم", "لا"
 Split = Literal["test", "dev"]
 
@@ -49,7 +66,8 @@ class EvalItem:
 
 
 class ObjectStore(Protocol):
-    """What the loaders need from S3: open one object for reading (the lead plugs the real store in)."""
+    """What the loaders need from S3: open one object for reading (and `list`, where the store has it,
+    to find which MMLU subject files are there)."""
 
     def open(self, uri: str) -> IO[bytes]: ...
 
@@ -68,10 +86,16 @@ class _Files:
             return fh.read().decode("utf-8")
 
     def mmlu_subjects(self, split: str) -> list[str]:
+        """The subjects whose files are there: what the folder or store lists (a sample set carries a
+        few), or the 57 known subjects for a store that cannot list."""
+        suffix = f"_{split}.csv"
         if self.store is None:  # local: the subject is whatever the file name says
-            files = (self.root / "MMLUArabic" / split).glob(f"*_{split}.csv")  # type: ignore[operator]
-            return sorted(f.name[: -len(f"_{split}.csv")] for f in files)
-        return sorted(SUBJECTS)  # a store is not listed: read the 57 known files
+            names = [f.name for f in (self.root / "MMLUArabic" / split).glob(f"*{suffix}")]  # type: ignore[operator]
+        elif callable(getattr(self.store, "list", None)):
+            names = [uri.rsplit("/", 1)[-1] for uri in self.store.list(f"{self.root}/MMLUArabic/{split}/")]
+        else:
+            return sorted(SUBJECTS)
+        return sorted(name[: -len(suffix)] for name in names if name.endswith(suffix))
 
 
 def _mmlu(files: _Files, split: str) -> Iterable[EvalItem]:

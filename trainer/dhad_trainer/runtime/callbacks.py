@@ -5,10 +5,13 @@
   figures (FIGURES: the policy's reward, KL and response length, the feedback's judgement counts).
 - PreemptionCallback: after SIGTERM every rank agrees to save once more and stop.
 - TestHooks: faults for tests (DHAD_TEST_CRASH_AT_STEP), honoured only when set.
+- WeightsDigest: each rank's sha256 of its final weights, for tests that two ranks trained one model
+  (DHAD_TEST_WEIGHTS_FILE), honoured only when set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -166,3 +169,32 @@ class TestHooks(TrainerCallback):
             distributed.barrier()
             if self.cluster.rank == self.crash_rank:
                 raise RuntimeError(f"injected crash at step {state.global_step} (DHAD_TEST_CRASH_AT_STEP)")
+
+
+def weights_sha256(model) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes, in name order (tied weights once)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        tensor = param.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class WeightsDigest(TrainerCallback):
+    """At the end of training, this rank's weights_sha256 (kept in `sha256`; written to `<path>.rank<r>`
+    when a path is given). DDP and ZeRO-1/2 replicate weights, so every rank must hold the same digest."""
+
+    ENV = "DHAD_TEST_WEIGHTS_FILE"
+
+    def __init__(self, rank: int, path: str | None = None) -> None:
+        self.rank, self.path, self.sha256 = rank, path, None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        self.sha256 = weights_sha256(model)
+        if self.path:
+            Path(f"{self.path}.rank{self.rank}").write_text(self.sha256, encoding="utf-8")

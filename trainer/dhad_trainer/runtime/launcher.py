@@ -147,11 +147,11 @@ def write_termination(reason: Reason, message: str) -> None:
         pass
 
 
-def cpu_count() -> int:
+def cpu_count(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """Usable cores: affinity, capped by a cgroup v2 CPU quota when one is set."""
     cores = len(os.sched_getaffinity(0))
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = cpu_max.read_text().split()
         if quota != "max":
             cores = min(cores, max(1, -(-int(quota) // int(period))))
     except (OSError, ValueError):

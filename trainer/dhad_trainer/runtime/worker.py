@@ -147,6 +147,7 @@ def work(job_file: str) -> dict:
         PreemptionCallback,
         ProgressCallback,
         TestHooks,
+        WeightsDigest,
     )
     from dhad_trainer.runtime.deepspeed_config import build
     from dhad_trainer.runtime.progress import ProgressReporter, sink_from_env
@@ -207,6 +208,8 @@ def work(job_file: str) -> dict:
         callbacks.append(tensorboard)
     if TestHooks.wanted():
         callbacks.append(TestHooks(checkpoint_cb, cluster))
+    if os.environ.get(WeightsDigest.ENV):
+        callbacks.append(WeightsDigest(cluster.rank, os.environ[WeightsDigest.ENV]))
     run = StageRun(
         spec=spec, stage=stage, model_dir=model_dir, work_dir=work_dir, output_dir=work_dir / "output", inputs=inputs,
         data_store=RoutingStore(spec.storage), resume_from=resume_dir, callbacks=callbacks, deepspeed=ds_config, fsdp=fsdp,
