@@ -3,8 +3,9 @@ needs: the node agent runs the operator Deployment's pods exactly as rendered (c
 project's venv stands in for the image) and probes them as a kubelet does. One install serves the
 module, in order: rollout with 2 replicas, a tiny SFTJob trained on node-agent pods with the chart's
 default storage, the platform switch, `helm upgrade --wait` with changed values, failover when the
-leader pod is deleted, the ClusterRole held against every call the operator made (the apiserver's
-audit log), and `helm uninstall` leaving the CRDs and the users' jobs."""
+leader pod is deleted, a Pipeline's stage jobs created, suspended, replaced and finished, the ClusterRole
+held against every call the operator made (the apiserver's audit log), and `helm uninstall` leaving the
+CRDs and the users' jobs."""
 
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ def _checked_not_called() -> set[audit.Call]:
     (role,) = [o for o in progress_objects(Owner("SFTJob", "j", "ns", "uid")) if o["kind"] == "Role"]
     read_after_conflict = {(group, resource, "get") for group, resource in  # Kube.create reads a child only on a 409
                            (("batch", "jobs"), ("", "services"), ("", "serviceaccounts"),
-                            ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings"))}
-    return {("dhad.dev", "jobs/finalizers", "update")} | audit.expand(role["rules"]) | read_after_conflict
+                            ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings"),
+                            ("dhad.dev", "jobs"))}  # a Pipeline's stage jobs
+    finalizers = {("dhad.dev", "jobs/finalizers", "update"), ("dhad.dev", "pipelines/finalizers", "update")}
+    return finalizers | audit.expand(role["rules"]) | read_after_conflict
 
 
 @dataclass
@@ -162,6 +165,45 @@ def test_a_finished_jobs_children_go_when_its_ttl_passes(install, kube):
              and not core.list_namespaced_service_account(install.jobs, label_selector=selector).items,
              60, "the TTL removed the children")
     assert get(kube, install.jobs, "SFTJob", "with-ttl")["status"]["state"] == "Succeeded"  # the job object stays
+
+
+def test_a_pipeline_creates_suspends_and_replaces_its_stage_jobs_under_the_charts_rbac(install, kube):
+    """The Pipeline calls of the chart's operator (the audit test below holds them against the ClusterRole):
+    a stage job created, suspended with the pipeline, a retry request handled (the annotation removed), the
+    stage changed (the old job deleted, a new one created), which then finishes the pipeline."""
+    custom = client.CustomObjectsApi(kube)
+    stage = tiny("sft", resources=ONE_GPU)["spec"]
+    storage = stage.pop("storage")
+    doc = {"apiVersion": "dhad.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "in-chart"},
+           "spec": {"defaults": {"storage": storage}, "stages": [{"name": "sft", "sft": stage}]}}
+    custom.create_namespaced_custom_object("dhad.dev", "v1alpha1", install.jobs, "pipelines", doc, field_validation="Strict")
+
+    def read() -> dict:
+        return custom.get_namespaced_custom_object("dhad.dev", "v1alpha1", install.jobs, "pipelines", "in-chart")
+
+    def stage_jobs() -> list[dict]:
+        return [j for j in custom.list_namespaced_custom_object("dhad.dev", "v1alpha1", install.jobs, "sftjobs",
+                                                                label_selector="dhad.dev/pipeline=in-chart")["items"]
+                if not j["metadata"].get("deletionTimestamp")]
+
+    first = wait_for(lambda: (lambda js: js[0] if len(js) == 1 else None)(stage_jobs()), 60, "the stage job")
+    name = first["metadata"]["name"]
+    wait_for(lambda: pods(kube, install.jobs, name, phase="Running"), 60, f"{name} running")
+    custom.patch_namespaced_custom_object("dhad.dev", "v1alpha1", install.jobs, "pipelines", "in-chart", {"spec": {"suspend": True}})
+    wait_for(lambda: get(kube, install.jobs, "SFTJob", name)["spec"].get("suspend") is True, 60, "the stage job suspended")
+    custom.patch_namespaced_custom_object("dhad.dev", "v1alpha1", install.jobs, "pipelines", "in-chart",
+                                          {"metadata": {"annotations": {"dhad.dev/retry": "sft"}}})
+    wait_for(lambda: "dhad.dev/retry" not in (read()["metadata"].get("annotations") or {}), 60, "the retry request handled")
+    stage["podTemplate"] = FINISH  # a changed stage: a new key, a new job
+    custom.patch_namespaced_custom_object("dhad.dev", "v1alpha1", install.jobs, "pipelines", "in-chart",
+                                          {"spec": {"suspend": False, "stages": [{"name": "sft", "sft": stage}]}})
+    try:
+        wait_for(lambda: (read().get("status") or {}).get("state") == "Succeeded", 120, "the pipeline Succeeded")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{read().get('status')}\n{install.logs()}") from None
+    (second,) = stage_jobs()
+    assert second["metadata"]["name"] != name and second["status"]["state"] == "Succeeded"
+    wait_for(lambda: not [j for j in stage_jobs() if j["metadata"]["name"] == name], 60, "the first stage job deleted")
 
 
 def test_helm_upgrade_wait_with_changed_values_rolls_out_and_the_new_operator_serves(install, kube):
