@@ -39,7 +39,7 @@ from dhad_api.pipeline import (
 from dhad_api.reasons import Reason
 from dhad_api.status import State
 from dhad_operator.render import Defaults
-from dhad_operator.status import enter, rfc3339, state_of
+from dhad_operator.status import PIPELINE_STATUS_SCHEMA, enter, fit_status, rfc3339, state_of
 
 FINISHED = (State.SUCCEEDED.value, State.FAILED.value)
 
@@ -154,6 +154,7 @@ def decide(obj: dict, observed: PipelineObserved, now: datetime, defaults: Defau
     except ValidationError as error:
         message = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())[:2000]
         _finish(plan, State.FAILED, Reason.INVALID_SPEC, message, now, generation, old)
+        plan.status, _ = fit_status(plan.status, PIPELINE_STATUS_SCHEMA)
         return plan
 
     ours = [c for c in observed.children if owned_by(c, meta["uid"])]
@@ -220,6 +221,7 @@ def decide(obj: dict, observed: PipelineObserved, now: datetime, defaults: Defau
             enter(status, State.RUNNING, Reason.RUNNING, _stage_message(walked), now, generation)
     for key in [k for k, v in status.items() if v in (None, [], {})]:
         del status[key]
+    plan.status, _ = fit_status(status, PIPELINE_STATUS_SCHEMA)  # as stored: an unchanged status is not written again
     return plan
 
 

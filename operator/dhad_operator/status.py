@@ -72,23 +72,25 @@ def state_of(status: dict) -> State:
 _DROP = object()
 
 
-def _status_schema() -> dict:
+def _status_schema(kind: str) -> dict:
     from dhad_api.crd import model_schema
+    from dhad_api.pipeline import PipelineStatus
     from dhad_api.status import JobStatus
 
-    return model_schema(JobStatus)
+    return model_schema({"job": JobStatus, "pipeline": PipelineStatus}[kind])
 
 
-STATUS_SCHEMA = _status_schema()
+STATUS_SCHEMA = _status_schema("job")
+PIPELINE_STATUS_SCHEMA = _status_schema("pipeline")
 
 
-def fit_status(status: dict) -> tuple[dict, list[str]]:
+def fit_status(status: dict, schema: dict = STATUS_SCHEMA) -> tuple[dict, list[str]]:
     """The status as the apiserver will store it: unknown keys pruned, defaults applied, strings cut
     to maxLength, lists to maxItems, and values of the wrong type or out of bounds dropped (listed in
     the second value). So one bad value from a trainer can never make the write, and with it every
     later reconcile (suspend, deadline, TTL), fail; and a status equal to the stored one is not rewritten."""
     problems: list[str] = []
-    fitted = _fit(status, STATUS_SCHEMA, "status", problems)
+    fitted = _fit(status, schema, "status", problems)
     return ({} if fitted is _DROP else fitted), problems
 
 
