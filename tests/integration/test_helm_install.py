@@ -25,7 +25,7 @@ from tests.harness import audit
 from tests.harness.controlplane import ControlPlane, kubectl
 from tests.harness.helm import CHART, helm
 from tests.harness.node_agent import NodeAgent, node_agent  # noqa: F401 - the fixture
-from tests.integration.jobs import apply, get, patch_spec, pods, running_pods, tiny, wait_state
+from tests.integration.jobs import apply, exit_pod, get, patch_spec, pods, running_pods, tiny, wait_state
 from tests.integration.test_e2e import _manifest as trainable_sft
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.torchrun]
@@ -194,15 +194,18 @@ def test_a_pipeline_creates_suspends_and_replaces_its_stage_jobs_under_the_chart
     custom.patch_namespaced_custom_object("dhad.dev", "v1alpha1", install.jobs, "pipelines", "in-chart",
                                           {"metadata": {"annotations": {"dhad.dev/retry": "sft"}}})
     wait_for(lambda: "dhad.dev/retry" not in (read()["metadata"].get("annotations") or {}), 60, "the retry request handled")
-    stage["podTemplate"] = FINISH  # a changed stage: a new key, a new job
+    stage["training"]["maxSteps"] += 1  # a changed stage: a new key, a new job (podTemplate is not in the key)
     custom.patch_namespaced_custom_object("dhad.dev", "v1alpha1", install.jobs, "pipelines", "in-chart",
                                           {"spec": {"suspend": False, "stages": [{"name": "sft", "sft": stage}]}})
+    second = wait_for(lambda: (lambda js: js[0]["metadata"]["name"] if len(js) == 1 and js[0]["metadata"]["name"] != name else None)(
+        stage_jobs()), 60, "the changed stage's new job")
+    for pod in wait_for(lambda: pods(kube, install.jobs, second, phase="Running"), 60, f"{second} running"):
+        exit_pod(kube, install.jobs, pod, 0)
     try:
         wait_for(lambda: (read().get("status") or {}).get("state") == "Succeeded", 120, "the pipeline Succeeded")
     except AssertionError as error:
         raise AssertionError(f"{error}\n{read().get('status')}\n{install.logs()}") from None
-    (second,) = stage_jobs()
-    assert second["metadata"]["name"] != name and second["status"]["state"] == "Succeeded"
+    assert get(kube, install.jobs, "SFTJob", second)["status"]["state"] == "Succeeded"
     wait_for(lambda: not [j for j in stage_jobs() if j["metadata"]["name"] == name], 60, "the first stage job deleted")
 
 
