@@ -173,16 +173,17 @@ def test_operator_can_create_the_per_job_progress_role_without_escalate(installe
     *[(v, "", "secrets", w) for v in ("get", "list", "watch") for w in ("", "release", OTHER)],
     ("create", "", "secrets", OTHER), ("create", "", "pods/exec", OTHER), ("get", "", "pods/exec", "release"),
     ("create", "", "pods", OTHER), ("update", "batch", "jobs", OTHER), ("patch", "batch", "jobs", OTHER),
-    ("update", "dhad.dev", "sftjobs", OTHER), ("create", "dhad.dev", "sftjobs", OTHER),
-    ("delete", "dhad.dev", "evaljobs", OTHER), ("delete", "apiextensions.k8s.io", "customresourcedefinitions", ""),
+    ("update", "dhad.dev", "sftjobs", OTHER),  # (create, delete, patch, get of jobs: a Pipeline's stage jobs need them)
+    ("create", "dhad.dev", "pipelines", OTHER), ("delete", "dhad.dev", "pipelines", OTHER), ("update", "dhad.dev", "pipelines", OTHER),
+    ("delete", "apiextensions.k8s.io", "customresourcedefinitions", ""),
     ("update", "apiextensions.k8s.io", "customresourcedefinitions", ""),
     ("create", "coordination.k8s.io", "leases", OTHER), ("escalate", "rbac.authorization.k8s.io", "roles", OTHER),
     ("bind", "rbac.authorization.k8s.io", "roles", OTHER), ("create", "rbac.authorization.k8s.io", "clusterroles", ""),
     ("create", "rbac.authorization.k8s.io", "clusterrolebindings", ""), ("patch", "", "nodes", ""),
     ("impersonate", "", "serviceaccounts", OTHER), ("create", "", "serviceaccounts/token", OTHER),
     # verbs the code does not use (the audit comparison in test_helm_install.py keeps them out)
-    ("delete", "", "pods", OTHER), ("get", "", "pods", OTHER), ("patch", "dhad.dev", "sftjobs", OTHER),
-    ("patch", "dhad.dev", "sftjobs/status", OTHER), ("list", "", "namespaces", ""), ("get", "dhad.dev", "sftjobs", OTHER),
+    ("delete", "", "pods", OTHER), ("get", "", "pods", OTHER), ("get", "dhad.dev", "pipelines", OTHER),
+    ("patch", "dhad.dev", "sftjobs/status", OTHER), ("patch", "dhad.dev", "pipelines/status", OTHER), ("list", "", "namespaces", ""),
 ])
 def test_operator_cannot(installed, kube, verb, group, resource, where):
     release, ns, _, applied = installed
