@@ -132,11 +132,12 @@ class StreamedBlocks(torch.utils.data.Dataset):
         position = mixture.rank_position(int(i), self.world, self.micro, self.per_rank)
         shard, row = (int(x) for x in self.order[position])
         data = self._shard(shard, position)
-        return {"input_ids": data["input_ids"][row], "position_ids": data["position_ids"][row], "index": int(i)}
+        return {"input_ids": data["input_ids"][row], "position_ids": data["position_ids"][row], "position": position}
 
 
 class PackedCollator:
-    """Stacks blocks; labels skip each document's first token. DHAD_TEST_BATCH_LOG records block order."""
+    """Stacks blocks; labels skip each document's first token. DHAD_TEST_BATCH_LOG records, per micro
+    batch, the mixture positions of its blocks (what was trained, whatever the index mapping)."""
 
     def __init__(self) -> None:
         self.batch_log = os.environ.get("DHAD_TEST_BATCH_LOG")
@@ -149,7 +150,7 @@ class PackedCollator:
         labels[pos == 0] = -100
         if self.batch_log:
             with open(f"{self.batch_log}.rank{self.rank}", "a") as f:
-                f.write(json.dumps([e["index"] for e in examples]) + "\n")
+                f.write(json.dumps([e["position"] for e in examples]) + "\n")
         return {"input_ids": ids, "position_ids": pos, "labels": labels, "use_cache": False}
 
 
