@@ -36,7 +36,7 @@ import urllib3
 from dhad_api.jobs import API_VERSION, KINDS
 from dhad_operator import observe
 from dhad_operator.reconcile import Plan, Rejection
-from dhad_operator.render import LABEL_JOB, LABEL_KIND
+from dhad_operator.render import LABEL_JOB, LABEL_KIND, managed_by_us, namespace_child_names
 
 log = logging.getLogger("dhad.k8s")
 JOB_KINDS = frozenset(info.kind.value for info in KINDS.values())
@@ -71,6 +71,9 @@ RESOURCES: dict[str, Resource] = {
 }
 CHILD_KINDS = ("Job", "Pod", "ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding")
 CHILD_SELECTOR = {"labelSelector": f"{LABEL_JOB},{LABEL_KIND}"}
+# Services: only the namespace's worker Service, by name, so that one someone else made is seen too.
+(SHARED_SERVICE,) = [name for kind, name in namespace_child_names() if kind == "Service"]
+SELECTORS = {"Service": {"fieldSelector": f"metadata.name={SHARED_SERVICE}"}}
 # The Job controller's "cannot create pods" events (Pod Security, quota): how admission errors reach the job.
 POD_CREATE_EVENTS = {"fieldSelector": "involvedObject.kind=Job,reason=FailedCreate"}
 # GPU nodes (GPU feature discovery's label): their labels give the Planned condition the GPU's memory.
@@ -403,7 +406,7 @@ class Kube:
         self._on_change = on_change
         scopes = self.namespaces or [None]
         for kind in (*sorted(JOB_KINDS), *CHILD_KINDS, "Event"):
-            selector = {} if kind in JOB_KINDS else POD_CREATE_EVENTS if kind == "Event" else CHILD_SELECTOR
+            selector = {} if kind in JOB_KINDS else POD_CREATE_EVENTS if kind == "Event" else SELECTORS.get(kind, CHILD_SELECTOR)
             for namespace in scopes:
                 self.informers.append(Informer(self.rest, RESOURCES[kind], self.stores[kind], namespace, selector, on_change,
                                                optional=kind == "Event"))
@@ -491,8 +494,9 @@ class Kube:
         existing = self.read(kind, meta["namespace"], meta["name"])  # only here does a reconcile read
         if existing is None:
             raise ApiError(409, "Conflict", f"{kind} {meta['name']} existed a moment ago")  # try again
-        if observe.controller_uid(existing) == owner_uid:
-            self._remember(kind, existing)  # ours: the answer to an earlier create was lost
+        owned = bool(meta.get("ownerReferences"))  # else a namespace object no job owns: ours by its label
+        if (observe.controller_uid(existing) == owner_uid) if owned else managed_by_us(existing):
+            self._remember(kind, existing)  # ours: the answer to an earlier create was lost (or another job made it)
             return None
         ref = next((r for r in existing["metadata"].get("ownerReferences") or [] if r.get("controller")), {})
         return Rejection(409, f"{kind} {meta['name']} exists", owner_description(kind, existing), (ref.get("kind"), ref.get("uid")))
