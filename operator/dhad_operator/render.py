@@ -339,7 +339,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
                 "priorityClassName": pod.priority_class_name,
                 "imagePullSecrets": [s.to_json_dict() for s in pod.image_pull_secrets] or None,
                 "hostNetwork": pod.host_network or None, "hostIPC": pod.host_ipc or None,
-                # pods on the host network still resolve <job>-0.<service> (the master) through cluster DNS
+                # pods on the host network still resolve <Job>-0.dhad-workers (the master) through cluster DNS
                 "dnsPolicy": "ClusterFirstWithHostNet" if pod.host_network else None}
     pod_spec.update({k: v for k, v in optional.items() if v})
     job_labels = {**labels, **kueue(owner, spec)}
