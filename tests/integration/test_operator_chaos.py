@@ -128,13 +128,15 @@ def test_operator_survives_sigkill_at_twenty_moments(kube, namespace, control_pl
     existing = {o["metadata"]["uid"] for o in custom.list_namespaced_custom_object("dhad.dev", "v1alpha1", namespace, "sftjobs")["items"]}
 
     def orphans():
-        children = (client.BatchV1Api(kube).list_namespaced_job(namespace).items + core.list_namespaced_service(namespace).items
+        services = [s for s in core.list_namespaced_service(namespace).items if s.metadata.name != "dhad-workers"]  # no job owns that one
+        children = (client.BatchV1Api(kube).list_namespaced_job(namespace).items + services
                     + core.list_namespaced_config_map(namespace, label_selector="dhad.dev/job").items
                     + core.list_namespaced_service_account(namespace, label_selector="dhad.dev/job").items
                     + rbac.list_namespaced_role(namespace).items + rbac.list_namespaced_role_binding(namespace).items)
         return [c.metadata.name for c in children if not any(r.uid in existing for r in c.metadata.owner_references or [])]
 
     wait_for(lambda: not orphans(), 90, "no orphaned children")
+    assert core.read_namespaced_service("dhad-workers", namespace).metadata.labels == {"app.kubernetes.io/managed-by": "dhad-operator"}
 
 
 CREATES_FOR_A_NEW_JOB = 7  # the namespace's Service, 5 static children and the Job, before the first status write
