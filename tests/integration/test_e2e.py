@@ -68,6 +68,7 @@ def test_kubectl_apply_trains_across_two_pods_and_survives_a_killed_pod(
     except AssertionError:
         raise AssertionError(node_agent.logs(namespace)) from None
     assert first["progress"]["step"] >= 4 and first["progress"].get("loss") is not None
+    assert first["progress"].get("tokensPerSecond", 0) > 0, first["progress"]  # SFT's rate, from TRL's num_tokens
     victim = pods(kube, namespace, "tiny-sft", 1, "Running")[1]
     core.delete_namespaced_pod(victim.metadata.name, namespace)
     try:

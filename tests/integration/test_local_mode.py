@@ -15,6 +15,7 @@ import yaml
 
 from dhad_trainer.data.chat import ASSETS
 from dhad_trainer.local.tiny import init_tiny_model
+from tests.conftest import ACEGPT
 from tests.integration.jobs import REPO
 from tests.support.openai_server import OpenAIServer, Reply
 
@@ -55,10 +56,11 @@ def test_dhad_run_trains_on_teacher_answers(tmp_path):
     assert "respond" in (logs / "respond-1-0.log").read_text() and (logs / "sft-1-0.log").exists()
 
 
+@pytest.mark.benchmarks
 def test_dhad_run_evaluates_a_model_beside_a_compared_one(tmp_path):
     """An EvalJob with evaluation.compare: the runtime downloads both models, the stage scores them on the
     same sample, and the status carries both models' scores ("base:" for the compared one)."""
-    bench = REPO / ".." / "shared" / "benchmarks" / "acegpt" / "EXAMS_Arabic"
+    bench = ACEGPT / "EXAMS_Arabic"
     aligned, base = init_tiny_model(tmp_path / "aligned"), init_tiny_model(tmp_path / "base", seed=1)
     doc = yaml.safe_load((REPO / "examples" / "tiny" / "eval.yaml").read_text())
     doc["spec"]["model"] = {"uri": "s3://dhad-demo/models/aligned"}

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import transformers
 
 from dhad_trainer.stages import reward
+from tests.conftest import ACEGPT as BENCH
 from tests.support.alignment import rlaif_spec, stage_run, tiny_lm, write_pairs
 
-BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks" / "acegpt"
 ACVA_TEST = BENCH / "ArabicCulture" / "difficulty-easy-TF_test.jsonl"
 CULTURE = [json.loads(line) for line in reward.CULTURE_SET.read_text(encoding="utf-8").splitlines()]
 
@@ -30,6 +29,7 @@ def trained(tmp_path_factory):
     return run, reward.run(run)
 
 
+@pytest.mark.benchmarks  # the module's stage scores the real ACVA files
 def test_reward_model_is_saved_with_one_label_and_pad_token(trained):
     run, result = trained
     model = transformers.AutoModelForSequenceClassification.from_pretrained(result.model_dir)
@@ -39,6 +39,7 @@ def test_reward_model_is_saved_with_one_label_and_pad_token(trained):
     assert sorted(p.name for p in run.trainer_dir.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
 
 
+@pytest.mark.benchmarks  # the module's stage scores the real ACVA files
 def test_accuracies_are_reported_and_learned(trained):
     run, result = trained
     m = result.metrics
@@ -60,6 +61,7 @@ def test_accuracies_are_reported_and_learned(trained):
     assert len(scores) == 1 and isinstance(scores[0], float)
 
 
+@pytest.mark.benchmarks  # the module's stage scores the real ACVA files
 def test_custom_culture_set_and_missing_pairs(tmp_path, trained):
     _, result = trained
     culture = tmp_path / "culture.jsonl"
@@ -86,6 +88,7 @@ def test_the_culture_set_covers_ten_topics_with_length_reversed_pairs():
     assert sum(len(r["rejected"]) > len(r["chosen"]) for r in CULTURE) >= 40  # where "longer wins" fails
 
 
+@pytest.mark.benchmarks  # the module's stage scores the real ACVA files
 def test_culture_accuracy_per_topic_in_both_orders_beside_the_length_baseline(trained):
     run, result = trained
     m = result.metrics
@@ -108,6 +111,7 @@ def test_culture_accuracy_per_topic_in_both_orders_beside_the_length_baseline(tr
     assert alone["culture_accuracy"] == float(chosen > rejected)  # the verdict is the two rewards' order
 
 
+@pytest.mark.benchmarks  # the module's stage scores the real ACVA files
 def test_acva_statements_are_scored_as_affirmation_against_negation(trained):
     run, result = trained
     acva = result.metrics["acva"]

@@ -56,10 +56,13 @@ def test_one_sft_run_logs_its_loss_to_mlflow_wandb_and_tensorboard(tmp_path, cle
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from dhad_trainer.runtime.callbacks import ProgressCallback
+    from dhad_trainer.runtime.distributed import Cluster
     from dhad_trainer.stages import sft
 
     spec = tracked_spec(tmp_path)
-    run = stage_run(spec, "sft", tmp_path / "run", tiny_lm())
+    progress = ProgressCallback(None, Cluster())  # the worker's: it adds tokens_per_second to each log
+    run = stage_run(spec, "sft", tmp_path / "run", tiny_lm(), callbacks=[progress])
     logdir = tracking.configure(spec, name="acegpt-sft", namespace="llm", stage="sft", work_dir=run.work_dir)
     result = sft.run(run)
     tracking.end_runs()  # what the worker does when the stage returns
@@ -76,6 +79,12 @@ def test_one_sft_run_logs_its_loss_to_mlflow_wandb_and_tensorboard(tmp_path, cle
     events.Reload()
     tb_loss = {e.step: e.value for e in events.Scalars("train/loss")}
     assert tb_loss == pytest.approx(mlflow_loss)  # the same numbers reached both
+    # throughput reaches the integrations too (the progress callback adds it, from TRL's num_tokens,
+    # before they log), at every logged step
+    tb_rate = {e.step: e.value for e in events.Scalars("train/tokens_per_second")}
+    assert sorted(tb_rate) == [1, 2, 3] and all(v > 0 for v in tb_rate.values()), tb_rate
+    mlflow_rate = {m.step: m.value for m in client.get_metric_history(mlflow_run.info.run_id, "tokens_per_second")}
+    assert mlflow_rate == pytest.approx(tb_rate)
 
     wandb_loss = offline_wandb_history(run.work_dir, "loss")
     assert wandb_loss == pytest.approx(mlflow_loss)

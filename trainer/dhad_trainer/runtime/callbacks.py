@@ -80,9 +80,13 @@ class ProgressCallback(TrainerCallback):
         self._start = (time.monotonic(), state.global_step)
         self._last = (time.monotonic(), state.global_step, self._tokens(state))
 
-    def _tokens(self, state) -> int:
+    def _tokens(self, state, logs: dict | None = None) -> int:
+        """Tokens trained so far: the Trainer's count, else TRL's `num_tokens` log (SFT), else steps x
+        the stage's tokens per step (pretrain's packed rows)."""
         if state.num_input_tokens_seen:
             return int(state.num_input_tokens_seen)
+        if logs and isinstance(logs.get("num_tokens"), int | float):
+            return int(logs["num_tokens"])
         return state.global_step * (self.tokens_per_step or 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -93,7 +97,7 @@ class ProgressCallback(TrainerCallback):
             self.reporter.update(figures=figures)
         if "loss" not in logs or self._last is None or self._start is None:
             return  # the end-of-training summary has no loss of its own
-        now, tokens = time.monotonic(), self._tokens(state)
+        now, tokens = time.monotonic(), self._tokens(state, logs)
         t0, s0, k0 = self._last
         rate = (tokens - k0) / (now - t0) if tokens > k0 and now > t0 else None
         self._last = (now, state.global_step, tokens)

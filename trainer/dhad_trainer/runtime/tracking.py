@@ -149,6 +149,14 @@ class RLAIFAliases(TrainerCallback):
                     logs[alias] = value
 
 
+def integrations_last(trainer) -> None:
+    """Moves the report_to integrations behind our callbacks: the Trainer puts them first, so figures our
+    callbacks add to a log (tokens_per_second, the stage's own) reached progress but not TensorBoard."""
+    callbacks = trainer.callback_handler.callbacks
+    ours = [cb for cb in callbacks if not type(cb).__module__.startswith("transformers.integrations")]
+    callbacks[:] = ours + [cb for cb in callbacks if cb not in ours]
+
+
 def rlaif_aliases(trainer) -> None:
     """Puts RLAIFAliases first, ahead of the report_to integrations the Trainer created."""
     trainer.callback_handler.callbacks.insert(0, RLAIFAliases())

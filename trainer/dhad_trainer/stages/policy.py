@@ -307,6 +307,7 @@ def run(run: StageRun, reward_function: RewardFunction | None = None) -> StageRe
         model = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=load_dtype(run))
         trainer = build_trainer(run, model, tokenizer, reward_function)
     tracking.rlaif_aliases(trainer)  # rlaif/reward, rlaif/kl, rlaif/response_length whatever the algorithm
+    tracking.integrations_last(trainer)  # and tokens_per_second, from the progress callback
     result = trainer.train(resume_from_checkpoint=resume_arg(run))
     if pol.algorithm is PolicyAlgorithm.PPO:
         save_policy(trainer, tokenizer, run, "policy.", pol.lora)

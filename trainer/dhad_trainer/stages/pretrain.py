@@ -44,7 +44,7 @@ from dhad_api.jobs import PretrainJobSpec
 from dhad_trainer.data import mixture
 from dhad_trainer.data.prepare import MANIFEST_FILE, STATS_FILE
 from dhad_trainer.data.readers import DataError
-from dhad_trainer.runtime import distributed
+from dhad_trainer.runtime import distributed, tracking
 from dhad_trainer.runtime.callbacks import ProgressCallback
 from dhad_trainer.stages.base import (
     StageResult,
@@ -255,6 +255,7 @@ def run(run: StageRun) -> StageResult:
             cb.tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * run.world_size * seq
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PackedCollator(),
                       processing_class=tokenizer, callbacks=list(run.callbacks))
+    tracking.integrations_last(trainer)
     result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     save_model(trainer, run.output_dir)
     metrics = {"train_loss": result.training_loss, "global_step": trainer.state.global_step,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dhad_api.jobs import RLAIFJobSpec
 from dhad_trainer.data.conversations import iter_records
+from dhad_trainer.runtime import tracking
 from dhad_trainer.stages.alignment import (
     HELD_OUT,
     INPUT_FEEDBACK,
@@ -192,6 +193,7 @@ def run(run: StageRun) -> StageResult:
         processing_class=tokenizer,
         callbacks=list(run.callbacks),
     )
+    tracking.integrations_last(trainer)
     result = trainer.train(resume_from_checkpoint=resume_arg(run))
     save_final(trainer, tokenizer, run)
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,

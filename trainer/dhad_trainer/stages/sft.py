@@ -22,6 +22,7 @@ import logging
 from dhad_api.jobs import SFTJobSpec
 from dhad_api.stages import SFTDataset, SFTSchema, SFTTraining
 from dhad_trainer.data.conversations import load_sft_mix
+from dhad_trainer.runtime import tracking
 from dhad_trainer.stages.alignment import (
     barrier,
     load_dtype,
@@ -112,6 +113,7 @@ def build_trainer(run: StageRun):
         peft_config=lora_config(t, new_ids) if t.lora else None,
         callbacks=list(run.callbacks),
     )
+    tracking.integrations_last(trainer)
     return trainer, tokenizer, counts
 
 
