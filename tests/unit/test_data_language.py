@@ -116,11 +116,58 @@ def test_the_mixture_order_follows_the_weights_and_is_seeded(mixture_run):
     assert sorted(set(seen.values())) == [2, 3] and len(rows) == manifest["sources"][0]["mixture_blocks"]
 
 
-def test_rank_positions_cover_the_order_once_in_contiguous_shares():
-    world, micro, total = 3, 2, 40
-    n = mixture.per_rank(total, world, micro)
-    positions = [mixture.rank_position(i, world, micro, n) for i in range(n * world)]
-    assert sorted(positions) == list(range(n * world))
-    for rank in range(world):  # batch b goes to rank b % world; that rank's share is contiguous
-        mine = [p for i, p in enumerate(positions) if (i // micro) % world == rank]
-        assert mine == list(range(rank * n, (rank + 1) * n))
+def dealt(world: int, micro: int, accumulation: int, lane: int) -> list[list[list[int]]]:
+    """Positions per optimizer step and rank as the Trainer deals them: sequential indices, global batch b
+    of `micro` indices to rank b % world, a rank's k-th batch in step k // accumulation."""
+    steps = lane // micro
+    out = [[[] for _ in range(world)] for _ in range(steps)]
+    for b in range(steps * world * accumulation):
+        for i in range(b * micro, (b + 1) * micro):
+            out[b // world // accumulation][b % world].append(mixture.rank_position(i, world, micro, accumulation, lane))
+    return out
+
+
+@pytest.mark.parametrize("world, micro, accumulation", [(3, 2, 1), (2, 2, 3), (1, 4, 2)])
+def test_rank_positions_cover_the_order_once_in_contiguous_shares(world, micro, accumulation):
+    total = 50
+    lane = mixture.lane_length(total, world, micro, accumulation)
+    assert lane * world * accumulation == total // (world * micro * accumulation) * world * micro * accumulation
+    steps = dealt(world, micro, accumulation, lane)
+    positions = [p for step in steps for rank in step for p in rank]
+    assert sorted(positions) == list(range(lane * world * accumulation))  # each block of the epoch once
+    share = lane * accumulation
+    for rank in range(world):  # rank r's blocks are the contiguous share [r * share, (r + 1) * share)
+        mine = sorted(p for step in steps for p in step[rank])
+        assert mine == list(range(rank * share, (rank + 1) * share))
+
+
+@pytest.mark.parametrize("splits", [[(2, 2, 1), (1, 2, 2)], [(4, 2, 1), (2, 2, 2), (1, 2, 4)], [(3, 1, 2), (1, 1, 6), (2, 1, 3)]])
+def test_each_step_trains_the_same_blocks_however_processes_and_accumulation_split_the_global_batch(splits):
+    total = 97
+    per_step = [[sorted(p for rank in step for p in rank)
+                 for step in dealt(world, micro, accumulation, mixture.lane_length(total, world, micro, accumulation))]
+                for world, micro, accumulation in splits]
+    global_batch = splits[0][0] * splits[0][1] * splits[0][2]
+    assert len(per_step[0]) == total // global_batch and all(len(step) == global_batch for step in per_step[0])
+    assert all(steps == per_step[0] for steps in per_step), per_step
+
+
+def test_a_rank_reads_each_shard_once_per_epoch_but_where_its_lanes_meet(mixture_run):
+    """The cache holds every lane's shuffle window (with 3 shards for a window of 4 a rank refetched
+    shards: 10 reads of 4 shards for 50 blocks, seen). A window cut by the border of two of a rank's
+    lanes is read at the end of one and the start of the other: its shards are read twice."""
+    from dhad_trainer.stages.pretrain import StreamedBlocks
+    from dhad_trainer.storage.local import LocalStore
+
+    root, _, _ = mixture_run
+    manifest = json.loads((root / "out" / "MANIFEST.json").read_text())
+    for world, micro, accumulation in ((2, 2, 1), (1, 2, 2), (2, 1, 3)):
+        for rank in range(world):
+            data = StreamedBlocks(LocalStore(), str(root / "out"), manifest, rank=rank, world=world, micro_batch=micro,
+                                  accumulation=accumulation, seed=7)
+            mine = [i for b in range(rank, len(data) // micro, world) for i in range(b * micro, (b + 1) * micro)]
+            read = [data[i]["position"] for i in mine]
+            data.pool.shutdown(wait=True)
+            assert sorted(read) == list(range(rank * len(data) // world, (rank + 1) * len(data) // world))
+            again = len(data.fetched) - len(set(data.fetched))
+            assert len(set(data.fetched)) >= 3 and again <= mixture.WINDOW * (accumulation - 1), data.fetched

@@ -2,7 +2,10 @@
 an uninterrupted run, a run that crashes after its step-4 checkpoint, and its rerun, which must resume
 at step 4 and then see the same batches and losses as the uninterrupted run. Each run is the prepare
 sub-stage's pod, then the pretrain sub-stage's: the second job and the rerun find the data prepared.
-Both ranks end with the weights that were saved (the DDP replicas stayed one model).
+Both ranks end with the weights that were saved (the DDP replicas stayed one model). One more job runs
+in one process with the same global batch (2 micro batches of 2 accumulated instead of 2 processes x
+2): it must train the same blocks at every step and end with the same weights, so the two ranks
+trained one model.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def runs(s3_server, s3_bucket, tmp_path_factory):
+def jobs(s3_server, s3_bucket, tmp_path_factory):
+    """The tiny model and corpus in S3, and `launch(uid, folder, env)`: a job's prepare pod, then its
+    pretrain pod (2 processes unless told)."""
     env = s3_server.env()
     os.environ.update(env)  # this process reads the results from the same server
     tmp = tmp_path_factory.mktemp("pretrain-ddp")
@@ -32,28 +37,55 @@ def runs(s3_server, s3_bucket, tmp_path_factory):
     store = open_store(base)
     store.upload_dir(init_tiny_model(tmp / "tiny", seed=0), f"{base}/models/tiny")
     store.put_bytes(f"{base}/data/corpus.txt", DEFAULT_CORPUS.read_bytes())
+    out = {"base": base, "store": store, "tmp": tmp, "prepared": {}}
+    env = {**env, "DHAD_PREPARED_ROOT": f"{base}/prepared"}
 
     def doc(uid: str) -> dict:
         return job_doc(f"{base}/models/tiny", f"{base}/data/corpus.txt", root=f"{base}/{uid}", bucket=s3_bucket,
                        uid=uid, steps=STEPS)
-
-    out = {"base": base, "store": store, "prepared": {}}
-    env = {**env, "DHAD_PREPARED_ROOT": f"{base}/prepared"}
 
     def launch(uid: str, folder, extra: dict, job: dict | None = None, nproc: int = 2) -> Launch:
         job = job or doc(uid)
         out["prepared"][folder.name] = prepare_job(job, folder / "prepare", env).log
         return Launch.start(job, folder, {**env, "DHAD_STAGE": "pretrain", **extra}, nproc=nproc)
 
-    full = launch("a", tmp / "a", {"DHAD_TEST_BATCH_LOG": str(tmp / "a" / "batches"),
-                                   "DHAD_TEST_WEIGHTS_FILE": str(tmp / "a" / "weights")})
-    out["a"] = (full, full.wait())
+    out["doc"], out["launch"] = doc, launch
+    return out
+
+
+def logged(folder) -> dict:
+    return {"DHAD_TEST_BATCH_LOG": str(folder / "batches"), "DHAD_TEST_WEIGHTS_FILE": str(folder / "weights")}
+
+
+@pytest.fixture(scope="module")
+def full(jobs):
+    """The uninterrupted two-process run."""
+    folder = jobs["tmp"] / "a"
+    launch = jobs["launch"]("a", folder, logged(folder))
+    return launch, launch.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(jobs, full):
+    out = {k: jobs[k] for k in ("base", "store", "prepared")}
+    out["a"] = full
+    tmp, launch = jobs["tmp"], jobs["launch"]
     crashed = launch("b", tmp / "b1", {"DHAD_TEST_CRASH_AT_STEP": "5", "DHAD_TEST_CRASH_RANK": "1"})
     out["crash"] = (crashed, crashed.wait())
-    out["after_crash"] = CheckpointStore(store, f"{base}/b/pretrain/checkpoints").steps()
+    out["after_crash"] = CheckpointStore(out["store"], f"{out['base']}/b/pretrain/checkpoints").steps()
     resumed = launch("b", tmp / "b2", {"DHAD_TEST_BATCH_LOG": str(tmp / "b2" / "batches")})
     out["resume"] = (resumed, resumed.wait())
     return out
+
+
+@pytest.fixture(scope="module")
+def one_process(jobs):
+    """The same job in one process, its global batch (2 x 2 blocks) made of 2 accumulated micro batches."""
+    folder = jobs["tmp"] / "one"
+    job = jobs["doc"]("one")
+    job["spec"]["training"]["gradientAccumulationSteps"] = 2
+    launch = jobs["launch"]("one", folder, logged(folder), job=job, nproc=1)
+    return launch, launch.wait()
 
 
 def losses(store, root: str) -> dict[int, float]:
@@ -108,9 +140,11 @@ def test_the_data_is_prepared_once_and_each_rank_streams_its_own_share(runs):
     passes = json.loads(store.get_bytes(f"{pointer['uri']}/passes.json"))
     assert len({m["worker"] for stage in passes.values() for m in stage.values()}) == 1  # job a's pod only
     full, _ = runs["a"]
-    shares = [{i for batch in batches(full, rank) for i in batch} for rank in (0, 1)]
+    shares = [{p for batch in batches(full, rank) for p in batch} for rank in (0, 1)]
     assert not shares[0] & shares[1] and min(len(shares[0]), len(shares[1])) >= 2 * STEPS
-    assert all(i // 2 % 2 == rank for rank in (0, 1) for i in shares[rank])  # batch b of 2 goes to rank b % 2
+    manifest = json.loads(store.get_bytes(f"{pointer['uri']}/MANIFEST.json"))
+    share = sum(s["mixture_blocks"] for s in manifest["sources"]) // 4 * 2  # whole global batches of 2 x 2
+    assert all(p // share == rank for rank in (0, 1) for p in shares[rank]), shares  # contiguous: rank r's half
 
 
 def test_crash_exits_worker_failed_after_the_step_4_checkpoint(runs):
@@ -145,3 +179,33 @@ def test_both_ranks_end_with_the_weights_that_were_saved(runs, tmp_path):
     runs["store"].download_dir(f"{runs['base']}/a/pretrain/model", tmp_path / "model")
     assert weights_sha256(AutoModelForCausalLM.from_pretrained(tmp_path / "model")) == rank0
 
+
+
+def final_weights(store, root: str, folder) -> dict:
+    from safetensors.torch import load_file
+
+    store.download_dir(f"{root}/pretrain/model", folder)
+    return load_file(folder / "model.safetensors")
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(jobs, full, one_process, tmp_path):
+    (ddp, code), (one, one_code) = full, one_process
+    assert code == 0 and one_code == 0, one.log[-4000:]
+    split = list(zip(batches(ddp, 0), batches(ddp, 1), strict=True))[:STEPS]  # the loader may fetch one more
+    accumulated = batches(one, 0)[: 2 * STEPS]
+    together = [accumulated[2 * s] + accumulated[2 * s + 1] for s in range(STEPS)]
+    store, base = jobs["store"], jobs["base"]
+    ddp_losses, one_losses = losses(store, f"{base}/a"), losses(store, f"{base}/one")
+    a, b = final_weights(store, f"{base}/a", tmp_path / "a"), final_weights(store, f"{base}/one", tmp_path / "one")
+    assert a.keys() == b.keys()
+    gap = max((a[name] - b[name]).abs().max().item() for name in a)
+    figures = f"step 1 loss {ddp_losses[1]} (2 processes) vs {one_losses[1]} (1 process); weights differ by {gap:.3g}"
+    print(figures, "; largest loss gap", max(abs(ddp_losses[s] - one_losses[s]) for s in ddp_losses))
+    assert len(together) == len(split) == STEPS
+    assert [sorted(b) for b in together] == [sorted(r0 + r1) for r0, r1 in split], (figures, together, split)
+    assert one_losses == pytest.approx(ddp_losses, rel=1e-6), figures
+    # Measured 0 (bitwise): the same micro batch shapes run the same kernels, transformers divides every
+    # micro batch's loss by the step's label tokens over all ranks (num_items_in_batch), and for 2 ranks
+    # gloo's sum a + b is the one process's accumulation a + b. 1e-6 leaves room for a summation order
+    # that does differ (more ranks, another allreduce algorithm); other blocks per step left 0.015.
+    assert gap <= 1e-6, figures

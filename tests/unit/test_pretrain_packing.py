@@ -19,7 +19,7 @@ def model(tmp_path_factory):
 
 
 def block(a: list[int], b: list[int]) -> dict:
-    return {"input_ids": np.array(a + b), "position_ids": np.array(list(range(len(a))) + list(range(len(b)))), "index": 0}
+    return {"input_ids": np.array(a + b), "position_ids": np.array(list(range(len(a))) + list(range(len(b)))), "position": 0}
 
 
 def test_collator_masks_document_starts():

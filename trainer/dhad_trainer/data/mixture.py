@@ -53,15 +53,21 @@ def order(manifest: dict, seed: int, window: int = WINDOW) -> np.ndarray:
     return np.concatenate(out).astype(np.int64)
 
 
-def rank_position(index: int, world: int, micro_batch: int, per_rank: int) -> int:
-    """Where dataset index `index` lies in the order. The trainer deals batches round-robin (global
-    batch b of `micro_batch` indices goes to rank b % world), so index -> (rank, its k-th block), and
-    rank r reads positions [r * per_rank, (r + 1) * per_rank): its own contiguous share."""
+def lane_length(total: int, world: int, micro_batch: int, accumulation: int = 1) -> int:
+    """Blocks in each lane per epoch: whole micro batches, the same for every lane, so an epoch is
+    whole optimizer steps (of world x accumulation micro batches)."""
+    return (total // (world * accumulation * micro_batch)) * micro_batch
+
+
+def rank_position(index: int, world: int, micro_batch: int, accumulation: int, lane: int) -> int:
+    """Where dataset index `index` lies in the order.
+
+    An epoch is split into world x accumulation lanes of `lane` consecutive positions; optimizer step s
+    trains micro batch s of every lane, so which blocks a step trains depends on the micro batch and
+    the global batch only: two processes train the same blocks per step as one process accumulating
+    two micro batches. Rank r owns lanes [r * accumulation, (r + 1) * accumulation), a contiguous share
+    of the order. The trainer deals batches round-robin (global batch b of `micro_batch` indices goes
+    to rank b % world; a rank's k-th batch is accumulation slot k % accumulation of step k // accumulation)."""
     batch, j = divmod(index, micro_batch)
-    rank = batch % world
-    return rank * per_rank + (batch // world) * micro_batch + j
-
-
-def per_rank(total: int, world: int, micro_batch: int) -> int:
-    """Blocks each rank reads per epoch: whole micro batches, the same for every rank."""
-    return (total // (world * micro_batch)) * micro_batch
+    step, slot = divmod(batch // world, accumulation)
+    return ((batch % world) * accumulation + slot) * lane + step * micro_batch + j

@@ -4,9 +4,11 @@ gradient accumulation and clipping (all from the spec), after an optional vocabu
 Training never prepares data. The prepare sub-stage left `<root>/prepare/prepared.json` naming a
 prepared dataset in S3 (shards of packed blocks, a MANIFEST with the sources' mixture); each rank
 streams its own contiguous share of the mixture order (data.mixture) shard by shard, fetching the
-next shards in the background, so no node downloads the corpus. The order depends on the training
-seed, the world size and the micro batch only, so a resumed run sees the same blocks in the same
-order: the Trainer skips the batches already trained, as before.
+next shards in the background, so no node downloads the corpus. Which blocks an optimizer step trains
+depends on the training seed, the micro batch and the global batch (processes x accumulation steps)
+only, not on how the global batch is split: two processes train the same blocks per step as one
+process accumulating two micro batches, and a resumed run sees the same blocks in the same order (the
+Trainer skips the batches already trained, as before).
 
 When the prepared dataset carries an expanded tokenizer, each node's leader resizes the model from
 its vocabulary.json (new rows are the mean of their parts); vocabulary.warmupSteps first trains only
@@ -64,29 +66,37 @@ class StreamedBlocks(torch.utils.data.Dataset):
     """This rank's share of a prepared dataset's mixture, read from the store shard by shard.
 
     Map-style (so the Trainer's resume skips batches without reading them), sampled in order: index
-    i is mixture position `rank_position(i)`. Shards are fetched whole (one ranged, resumable stream
-    each) into a small LRU cache, the next ones in this rank's order ahead of need.
+    i is mixture position `mixture.rank_position(i, ...)`. The rank owns `accumulation` lanes of the
+    order (one per micro batch of an optimizer step) and reads them side by side. Shards are fetched
+    whole (one ranged, resumable stream each) into an LRU cache that holds every lane's current
+    shuffle window (WINDOW shards) and one more, the next `ahead` shards in this rank's reading order
+    fetched ahead of need, so each shard is read once per epoch.
     """
 
     def __init__(self, store, root: str, manifest: dict, *, rank: int, world: int, micro_batch: int, seed: int,
-                 cache: int = 3, ahead: int = 2) -> None:
+                 accumulation: int = 1, cache: int | None = None, ahead: int = 2) -> None:
         self.store, self.root = store, root.rstrip("/")
         self.shards = mixture.shard_list(manifest)
         self.order = mixture.order(manifest, seed)
-        self.world, self.micro, self.rank = world, micro_batch, rank
-        self.per_rank = mixture.per_rank(len(self.order), world, micro_batch)
-        if not self.per_rank:
-            raise DataError(f"prepared data {root}: {len(self.order)} block(s) in the mixture, fewer than one micro "
-                            f"batch ({micro_batch}) for each of {world} process(es)")
+        self.world, self.micro, self.accumulation, self.rank = world, micro_batch, accumulation, rank
+        self.lane = mixture.lane_length(len(self.order), world, micro_batch, accumulation)
+        if not self.lane:
+            raise DataError(f"prepared data {root}: {len(self.order)} block(s) in the mixture, fewer than one global "
+                            f"batch ({world} process(es) x {accumulation} accumulation step(s) x micro batch "
+                            f"{micro_batch})")
+        # this rank's positions in the order it reads them: step by step, its lanes' micro batches in turn
+        steps, lanes = self.lane // micro_batch, rank * accumulation + np.arange(accumulation)
+        self.reading = (np.arange(steps)[:, None, None] * micro_batch + lanes[None, :, None] * self.lane
+                        + np.arange(micro_batch)[None, None, :]).reshape(-1)
         self.cache: OrderedDict[int, dict] = OrderedDict()
-        self.cache_size, self.ahead = cache, ahead
+        self.cache_size, self.ahead = cache or (mixture.WINDOW + 1) * accumulation, ahead
         self.pending: dict[int, object] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shards")
         self.lock = threading.Lock()
         self.fetched: list[int] = []  # shard numbers in the order they were read (tests)
 
     def __len__(self) -> int:
-        return self.per_rank * self.world
+        return self.lane * self.world * self.accumulation
 
     def __getstate__(self):  # DataLoader workers (none today) would rebuild their own pool
         state = dict(self.__dict__)
@@ -100,7 +110,7 @@ class StreamedBlocks(torch.utils.data.Dataset):
         self.fetched.append(shard)
         return {name: np.stack(table.column(name).to_numpy(zero_copy_only=False)) for name in ("input_ids", "position_ids")}
 
-    def _shard(self, shard: int, position: int) -> dict:
+    def _shard(self, shard: int, cursor: int) -> dict:
         with self.lock:
             if shard in self.cache:
                 self.cache.move_to_end(shard)
@@ -111,17 +121,19 @@ class StreamedBlocks(torch.utils.data.Dataset):
             self.cache[shard] = data
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
-            self._prefetch(position)
+            self._prefetch(cursor)
         return data
 
-    def _prefetch(self, position: int) -> None:
-        """Starts fetching the next `ahead` shards this rank's order needs after `position`."""
-        end = (self.rank + 1) * self.per_rank
+    def _prefetch(self, cursor: int, chunk: int = 4096) -> None:
+        """Starts fetching the next `ahead` shards this rank reads after `cursor` (in its reading order)."""
         upcoming: list[int] = []
-        for shard in self.order[position:end, 0]:
-            shard = int(shard)
-            if shard not in upcoming and shard not in self.cache:
-                upcoming.append(shard)
+        for start in range(cursor, len(self.reading), chunk):
+            for shard in self.order[self.reading[start : start + chunk], 0]:
+                shard = int(shard)
+                if shard not in upcoming and shard not in self.cache:
+                    upcoming.append(shard)
+                if len(upcoming) >= self.ahead:
+                    break
             if len(upcoming) >= self.ahead:
                 break
         for shard in upcoming:
@@ -129,14 +141,16 @@ class StreamedBlocks(torch.utils.data.Dataset):
                 self.pending[shard] = self.pool.submit(self._read, shard)
 
     def __getitem__(self, i: int) -> dict:
-        position = mixture.rank_position(int(i), self.world, self.micro, self.per_rank)
+        position = mixture.rank_position(int(i), self.world, self.micro, self.accumulation, self.lane)
+        batch, j = divmod(int(i), self.micro)
         shard, row = (int(x) for x in self.order[position])
-        data = self._shard(shard, position)
-        return {"input_ids": data["input_ids"][row], "position_ids": data["position_ids"][row], "index": int(i)}
+        data = self._shard(shard, (batch // self.world) * self.micro + j)  # this rank's k-th block
+        return {"input_ids": data["input_ids"][row], "position_ids": data["position_ids"][row], "position": position}
 
 
 class PackedCollator:
-    """Stacks blocks; labels skip each document's first token. DHAD_TEST_BATCH_LOG records block order."""
+    """Stacks blocks; labels skip each document's first token. DHAD_TEST_BATCH_LOG records, per micro
+    batch, the mixture positions of its blocks (what was trained, whatever the index mapping)."""
 
     def __init__(self) -> None:
         self.batch_log = os.environ.get("DHAD_TEST_BATCH_LOG")
@@ -149,7 +163,7 @@ class PackedCollator:
         labels[pos == 0] = -100
         if self.batch_log:
             with open(f"{self.batch_log}.rank{self.rank}", "a") as f:
-                f.write(json.dumps([e["index"] for e in examples]) + "\n")
+                f.write(json.dumps([e["position"] for e in examples]) + "\n")
         return {"input_ids": ids, "position_ids": pos, "labels": labels, "use_cache": False}
 
 
@@ -243,7 +257,7 @@ def run(run: StageRun) -> StageResult:
                                 ddp_find_unused_parameters=False, train_sampling_strategy="sequential")
     args = TrainingArguments(**kwargs)  # before the model: ZeRO-3
     dataset = StreamedBlocks(store, uri, manifest, rank=run.rank, world=run.world_size,
-                             micro_batch=t.micro_batch_size, seed=t.seed)
+                             micro_batch=t.micro_batch_size, accumulation=t.gradient_accumulation_steps, seed=t.seed)
     attn = attention_for(run)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(run, t), attn_implementation=attn)
     model.config.use_cache = False  # required for the packed-sequence mask (see the module docstring)
