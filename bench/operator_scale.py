@@ -337,6 +337,8 @@ def run_one(label: str, args, api: Api, cp: ControlPlane, kubeconfig: Path, logs
               f"mean reconcile {d.get('reconcile:sum', 0) / max(reconciles, 1) * 1000:.0f} ms", flush=True)
     top = sorted(((k[4:], v) for k, v in d.items() if k.startswith("req:")), key=lambda kv: -kv[1])[:8]
     print("    apiserver requests (all clients)/job: " + ", ".join(f"{k}={v / args.n:.1f}" for k, v in top), flush=True)
+    creates = sorted((k[9:], v) for k, v in d.items() if k.startswith("req:POST "))  # every kind, however few
+    print("    creates (all clients)/job: " + ", ".join(f"{k}={v / args.n:.2f}" for k, v in creates), flush=True)
     flows = sorted(((k[5:], v) for k, v in d.items() if k.startswith("flow:")), key=lambda kv: -kv[1])
     print("    by APF flow schema/job: " + ", ".join(f"{k}={v / args.n:.1f}" for k, v in flows), flush=True)
     api.core.delete_namespace(ns)

@@ -57,7 +57,7 @@ class JobSpec(RuledModel):
     )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, le=31_536_000,
-        description="ttlSecondsAfterFinished deletes the children (pods, Jobs, Service, ConfigMap) this long after the job finished; the job object stays, so GitOps does not recreate it. Empty means never.",
+        description="ttlSecondsAfterFinished deletes the children (pods, Jobs, ConfigMaps, ServiceAccount, RBAC) this long after the job finished; the job object stays, so GitOps does not recreate it. Empty means never.",
     )
     active_deadline_seconds: int | None = Field(
         None, ge=1, le=31_536_000,

@@ -26,12 +26,18 @@ from dhad_operator import metrics, observe
 from dhad_operator import pipeline as pipelines
 from dhad_operator.k8s import JOB_KINDS, PIPELINE, ApiError, Kube, NotLeading, owner_description
 from dhad_operator.reconcile import Foreign, Observed, decide
-from dhad_operator.render import Defaults, Owner, progress_config_map_name
+from dhad_operator.render import (
+    Defaults,
+    Owner,
+    managed_by_us,
+    namespace_child_names,
+    progress_config_map_name,
+)
 from dhad_operator.status import now_utc, rfc3339
 
 log = logging.getLogger("dhad.controller")
 Key = tuple[str, str, str]  # kind, namespace, name
-STATIC_KINDS = ("Service", "ConfigMap", "ServiceAccount", "Role", "RoleBinding")
+STATIC_KINDS = ("ConfigMap", "ServiceAccount", "Role", "RoleBinding")  # what a job owns besides its Jobs
 
 
 class WorkQueue:
@@ -335,13 +341,22 @@ class Controller:
             for child in kube.labelled(k, namespace, kind, name):
                 if observe.controller_uid(child) != uid:
                     foreign[(k, child["metadata"]["name"])] = Foreign(owner_description(k, child), self._owner_gone(child))
+        shared = set()
+        for k, n in namespace_child_names():  # no job owns these: ours by their label
+            if (found := kube.cached(k, namespace, n)) is None:
+                continue
+            deleting = bool(found["metadata"].get("deletionTimestamp"))
+            if not managed_by_us(found):
+                foreign[(k, n)] = Foreign(owner_description(k, found), owner_gone=deleting)
+            elif not deleting:
+                shared.add((k, n))
         progress_cm = kube.cached("ConfigMap", namespace, progress_config_map_name(Owner(kind, name, namespace, uid)))
         progress = progress_cm.get("progress") if progress_cm and observe.controller_uid(progress_cm) == uid else None
         spec = self._spec(obj)
         refs = {(k, n): kube.cached(k, namespace, n) for k, n in references(spec)} if spec is not None else {}
         errors = {j["metadata"]["uid"]: message for j in jobs if (message := kube.pod_create_errors(j["metadata"]["uid"]))}
         planning = not (obj.get("status") or {}).get("startTime")  # Planned is checked until the job starts
-        return Observed(jobs=jobs, pods=pods, progress=progress, references=refs, children=children,
+        return Observed(jobs=jobs, pods=pods, progress=progress, references=refs, children=children, shared=shared,
                         labelled_pods=kube.labelled("Pod", namespace, kind, name), foreign=foreign, pod_errors=errors,
                         nodes=kube.node_labels() if planning else [], job_specs=CachedSpecs(kube, namespace))
 

@@ -5,11 +5,13 @@ event wakes a job only when the slim form of the object changed (added, deleted,
 reads). That drops what cannot change the plan: our own writes coming back (the cache already has
 them, so they are not even stored again), the Job controller's counters, Pod IPs, readiness flips,
 annotations, managedFields, the spec ConfigMap's data, a repeated FailedCreate. Children wake the
-job named by their labels (ownership is checked by the reconcile, from the caches); a job that
-references another (model.fromJob) is woken by that job's changes until it has started. A Pipeline
-is woken by its own changes and by those of its stage jobs (labelled dhad.dev/pipeline): their
-status is what it reads. A stage job the pipeline created or suspended is woken by that write's answer
-(the watch brings nothing newer). The step cache wakes nothing: a pipeline reads it when it runs.
+job named by their labels (ownership is checked by the reconcile, from the caches); the namespace's
+worker Service, which no job owns, wakes every unfinished job of its namespace when someone else
+changes or deletes it (whichever runs first makes it again, or fails on a Service not ours); a job
+that references another (model.fromJob) is woken by that job's changes until it has started. A
+Pipeline is woken by its own changes and by those of its stage jobs (labelled dhad.dev/pipeline):
+their status is what it reads. A stage job the pipeline created or suspended is woken by that write's
+answer (the watch brings nothing newer). The step cache wakes nothing: a pipeline reads it when it runs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from dhad_api.pipeline import LABEL_PIPELINE
 from dhad_operator import metrics, observe
 from dhad_operator.controller import WorkQueue
 from dhad_operator.k8s import JOB_KINDS, PIPELINE, STEP_CACHE, Kube
-from dhad_operator.render import LABEL_JOB, LABEL_KIND
+from dhad_operator.render import LABEL_JOB, LABEL_KIND, namespace_child_names
+
+FINISHED = ("Succeeded", "Failed")
 
 
 def model_references(spec: dict) -> set[tuple[str, str]]:
@@ -62,6 +66,8 @@ class Router:
         if kind in JOB_KINDS:
             self._job_changed(kind, old, new)
             self._wake_pipeline(new or old)
+        elif (kind, (new or old)["metadata"]["name"]) in namespace_child_names():
+            self._wake_namespace((new or old)["metadata"]["namespace"])
         elif kind == "Event":
             job = self.kube.stores["Job"].by_uid((new or old)["involvedObject"].get("uid") or "")
             if job is not None:
@@ -97,6 +103,13 @@ class Router:
         meta = job["metadata"]
         if pipeline := (meta.get("labels") or {}).get(LABEL_PIPELINE):
             self.queue.add((PIPELINE, meta["namespace"], pipeline))
+
+    def _wake_namespace(self, namespace: str) -> None:
+        for kind in JOB_KINDS:
+            for job in self.kube.stores[kind].all():
+                meta = job["metadata"]
+                if meta["namespace"] == namespace and (job.get("status") or {}).get("state") not in FINISHED:
+                    self.queue.add((kind, namespace, meta["name"]))
 
     def _job_changed(self, kind: str, old: dict | None, new: dict | None) -> None:
         meta = (new or old)["metadata"]

@@ -41,7 +41,7 @@ from dhad_operator import observe
 from dhad_operator.observe import STEP_CACHE
 from dhad_operator.pipeline import PipelinePlan
 from dhad_operator.reconcile import Plan, Rejection
-from dhad_operator.render import LABEL_JOB, LABEL_KIND
+from dhad_operator.render import LABEL_JOB, LABEL_KIND, managed_by_us, namespace_child_names
 
 log = logging.getLogger("dhad.k8s")
 JOB_KINDS = frozenset(info.kind.value for info in KINDS.values())
@@ -78,6 +78,9 @@ RESOURCES: dict[str, Resource] = {
 }
 CHILD_KINDS = ("Job", "Pod", "ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding")
 CHILD_SELECTOR = {"labelSelector": f"{LABEL_JOB},{LABEL_KIND}"}
+# Services: only the namespace's worker Service, by name, so that one someone else made is seen too.
+(SHARED_SERVICE,) = [name for kind, name in namespace_child_names() if kind == "Service"]
+SELECTORS = {"Service": {"fieldSelector": f"metadata.name={SHARED_SERVICE}"}}
 # The Job controller's "cannot create pods" events (Pod Security, quota): how admission errors reach the job.
 POD_CREATE_EVENTS = {"fieldSelector": "involvedObject.kind=Job,reason=FailedCreate"}
 # GPU nodes (GPU feature discovery's label): their labels give the Planned condition the GPU's memory.
@@ -412,7 +415,8 @@ class Kube:
         and on_change(..., ours=True) for what our own writes stored."""
         self._on_change = on_change
         scopes = self.namespaces or [None]
-        selectors = {**dict.fromkeys((*JOB_KINDS, PIPELINE), {}), "Event": POD_CREATE_EVENTS, STEP_CACHE: STEP_CACHE_SELECTOR}
+        selectors = {**dict.fromkeys((*JOB_KINDS, PIPELINE), {}), "Event": POD_CREATE_EVENTS,
+                     STEP_CACHE: STEP_CACHE_SELECTOR, **SELECTORS}
         for kind in (*sorted(JOB_KINDS), PIPELINE, *CHILD_KINDS, STEP_CACHE, "Event"):
             selector = selectors.get(kind, CHILD_SELECTOR)
             for namespace in scopes:
@@ -507,7 +511,13 @@ class Kube:
         existing = self.read(kind, meta["namespace"], meta["name"])  # only here does a reconcile read
         if existing is None:
             raise ApiError(409, "Conflict", f"{kind} {meta['name']} existed a moment ago")  # try again
-        if observe.controller_uid(existing) == owner_uid:
+        if meta.get("ownerReferences"):
+            ours = observe.controller_uid(existing) == owner_uid
+        elif cached_as == STEP_CACHE:  # a step-cache entry no one owns, named by its content's key
+            ours = observe.controller_uid(existing) is None
+        else:  # a namespace object no job owns: ours by its label (another job just made it)
+            ours = managed_by_us(existing)
+        if ours:
             self._remember(cached_as or kind, existing)  # ours: the answer to an earlier create was lost
             return None
         ref = next((r for r in existing["metadata"].get("ownerReferences") or [] if r.get("controller")), {})

@@ -20,6 +20,7 @@ from dhad_api.pipeline import ANNOTATION_RETRY, LABEL_PIPELINE, LABEL_PIPELINE_R
 from dhad_api.pipeline import KIND as PIPELINE_KIND
 from dhad_api.queueing import kueue_labels
 from dhad_api.reasons import EXIT_REASONS, NO_RETRY, PROGRESS_KEY, ExitCode, Reason
+from dhad_operator.render import MANAGED_BY_LABEL
 
 DISRUPTION_POD_REASONS = {"Evicted", "Preempting", "NodeLost", "Shutdown", "NodeShutdown", "Terminated", "UnexpectedAdmissionError"}
 WAITING_PROBLEMS = {
@@ -153,7 +154,7 @@ def controller_uid(obj: dict) -> str | None:
 def _meta(obj: dict) -> dict:
     meta = obj.get("metadata") or {}
     out = {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "deletionTimestamp", "creationTimestamp") if meta.get(k)}
-    labels = {k: v for k, v in (meta.get("labels") or {}).items() if k.startswith(LABEL_PREFIX)}
+    labels = {k: v for k, v in (meta.get("labels") or {}).items() if k.startswith(LABEL_PREFIX) or k == MANAGED_BY_LABEL}
     if labels:
         out["labels"] = labels
     owners = [{k: r.get(k) for k in ("apiVersion", "kind", "name", "uid", "controller")}

@@ -8,7 +8,9 @@ and a recorded attempt whose Job is gone was deleted by someone: its number is n
 
 Children count only when their controller ownerReference is this job's UID; a name this job needs
 that another owner holds is a Failed condition (or Pending while the garbage collector removes a
-deleted job's child), never adoption. The plan's status is fitted to the CRD's schema, and
+deleted job's child), never adoption. The namespace's headless Service is no job's child: it is
+ours by its label, made again by any job that finds it missing, and one without our label is a
+Failed condition that names it. The plan's status is fitted to the CRD's schema, and
 `requeue_after` is the next moment a timer (deadline, hang, unschedulable, backoff, TTL) is due.
 """
 
@@ -35,9 +37,13 @@ from dhad_operator.render import (
     KUEUE_QUEUE_LABEL,
     LABEL_ATTEMPT,
     LABEL_STAGE,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
     Defaults,
     Owner,
     kueue,
+    namespace_child_names,
+    namespace_children,
     refused_pod_fields,
     static_child_names,
     static_children,
@@ -53,7 +59,7 @@ class Foreign:
     """An object with a name this job needs, owned by someone else."""
 
     owner: str  # who owns it, for the message ("no owner" when orphaned)
-    owner_gone: bool = False  # its owner was deleted: the garbage collector is about to remove it
+    owner_gone: bool = False  # its owner was deleted (the garbage collector is about to remove it), or it is being deleted
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class Observed:
     progress: dict | None = None  # the checked progress report (observe.progress_report)
     references: dict[tuple[str, str], dict | None] = field(default_factory=dict)
     children: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) of our static children, not being deleted
+    shared: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) of the namespace's objects of ours (its Service)
     labelled_pods: list[dict] = field(default_factory=list)  # pods labelled for this job, any owner
     foreign: dict[tuple[str, str], Foreign] = field(default_factory=dict)
     rejected: dict[tuple[str, str], Rejection] = field(default_factory=dict)  # from the last try
@@ -289,7 +296,9 @@ def _job_vanished(owner, stage, plan, now, generation) -> None:
 
 
 def _missing_children(owner, spec, resolved, observed, plan, defaults) -> None:
-    """Every static child that is not there (never made, or deleted) is made again, on every reconcile."""
+    """Every static child that is not there (never made, or deleted) is made again, on every reconcile,
+    and so is the namespace's Service."""
+    plan.create += [c for c in namespace_children(owner.namespace) if (c["kind"], c["metadata"]["name"]) not in observed.shared]
     missing = [(kind, name) for kind, name in static_child_names(owner, spec) if (kind, name) not in observed.children]
     if missing:
         plan.create += [c for c in static_children(owner, spec, resolved, defaults) if (c["kind"], c["metadata"]["name"]) in missing]
@@ -483,6 +492,12 @@ def _blocked_creates(plan: Plan, observed: Observed) -> tuple[str, str, bool] | 
         key = (manifest["kind"], manifest["metadata"]["name"])
         if key in observed.foreign:
             other = observed.foreign[key]
+            if key in namespace_child_names() and other.owner_gone:
+                return (Reason.WAITING_FOR_GC, f"{key[0]} {key[1]}, not the operator's, is being deleted; waiting for it to go", False)
+            if key in namespace_child_names():
+                return (Reason.NAME_COLLISION, f"{key[0]} {key[1]} already exists in namespace {manifest['metadata']['namespace']} "
+                        f"without the label {MANAGED_BY_LABEL}={MANAGED_BY} (owner: {other.owner}); every Dhad job's pods use it "
+                        "as their subdomain and the operator never adopts it: delete or rename that object", True)
             if other.owner_gone:
                 return (Reason.WAITING_FOR_GC, f"{key[0]} {key[1]} still belongs to {other.owner}, which was deleted; "
                         "waiting for the garbage collector to remove it", False)

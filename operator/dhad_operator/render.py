@@ -2,7 +2,8 @@
 
 No API calls here: every function maps inputs to dicts, so they are table-tested without a cluster.
 Names are deterministic (dhad_api.naming), every child carries an ownerReference to the job and the
-labels `dhad.dev/job`, `dhad.dev/kind`, `dhad.dev/stage`, `dhad.dev/attempt`.
+labels `dhad.dev/job`, `dhad.dev/kind`, `dhad.dev/stage`, `dhad.dev/attempt`. One object is not a
+child: the namespace's headless Service (`worker_service`), which no job owns.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dhad_api.jobs import (
     StagePods,
     stage_pods,
 )
-from dhad_api.naming import config_map_name, job_name, master_address, service_name
+from dhad_api.naming import WORKER_SERVICE, config_map_name, job_name, master_address
 from dhad_api.outputs import secret_env_refs
 from dhad_api.queueing import QUEUE_NAME_LABEL, kueue_labels
 from dhad_api.reasons import NAMESPACE_ENV, NO_RETRY, PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
@@ -31,6 +32,8 @@ LABEL_JOB = "dhad.dev/job"
 LABEL_KIND = "dhad.dev/kind"
 LABEL_STAGE = "dhad.dev/stage"
 LABEL_ATTEMPT = "dhad.dev/attempt"
+LABEL_WORKER = "dhad.dev/worker"  # on every worker pod: what the namespace's Service selects
+MANAGED_BY_LABEL, MANAGED_BY = "app.kubernetes.io/managed-by", "dhad-operator"  # marks the Service as ours
 KUEUE_QUEUE_LABEL = QUEUE_NAME_LABEL
 MASTER_PORT = 29500
 JOB_FILE_DIR = "/etc/dhad"
@@ -102,11 +105,29 @@ def job_config_map(owner: Owner, spec: JobSpec, resolved: dict) -> dict:
             "data": {"job.json": json.dumps(document, ensure_ascii=False, sort_keys=True)}}
 
 
-def headless_service(owner: Owner) -> dict:
-    """Created first: pods resolve `<job>-0.<service>` (the master) even before they are ready."""
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(owner, service_name(owner.name, owner.info.code)),
-            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": owner.labels(),
+def worker_service(namespace: str) -> dict:
+    """The namespace's one headless Service, the subdomain of every worker pod: pods resolve
+    `<Job>-0.dhad-workers` (the master) even before they are ready. No job owns it (deleting one job
+    leaves it to the others) and the operator never deletes it; the label says it is ours."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": WORKER_SERVICE, "namespace": namespace, "labels": {MANAGED_BY_LABEL: MANAGED_BY}},
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {LABEL_WORKER: "true"},
                      "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
+
+
+def namespace_children(namespace: str) -> list[dict]:
+    """What every job in a namespace needs and none owns, made by whichever job finds it missing."""
+    return [worker_service(namespace)]
+
+
+def namespace_child_names() -> list[tuple[str, str]]:
+    """(kind, name) of namespace_children."""
+    return [("Service", WORKER_SERVICE)]
+
+
+def managed_by_us(obj: dict) -> bool:
+    """An object of namespace_children is ours by its label (it has no owner to tell)."""
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY
 
 
 def pods_service_account(owner: Owner, spec: JobSpec) -> str:
@@ -139,8 +160,8 @@ def progress_objects(owner: Owner, spec: JobSpec | None = None, defaults: Defaul
 
 
 def static_children(owner: Owner, spec: JobSpec, resolved: dict, defaults: Defaults | None = None) -> list[dict]:
-    """Everything but the Jobs (none depends on another: they are created together)."""
-    return [headless_service(owner), job_config_map(owner, spec, resolved), *progress_objects(owner, spec, defaults)]
+    """Everything the job owns but the Jobs (none depends on another: they are created together)."""
+    return [job_config_map(owner, spec, resolved), *progress_objects(owner, spec, defaults)]
 
 
 def refused_pod_fields(spec: JobSpec, defaults: Defaults) -> str | None:
@@ -157,9 +178,8 @@ def static_child_names(owner: Owner, spec: JobSpec | None = None) -> list[tuple[
     """(kind, name) of static_children, without rendering them (checked on every reconcile)."""
     code, trainer = owner.info.code, trainer_service_account_name(owner)
     own_account = spec is None or not spec.pod_template.service_account_name  # else the spec names an existing one
-    return [("Service", service_name(owner.name, code)), ("ConfigMap", config_map_name(owner.name, code)),
-            ("ConfigMap", progress_config_map_name(owner)), *([("ServiceAccount", trainer)] if own_account else []),
-            ("Role", trainer), ("RoleBinding", trainer)]
+    return [("ConfigMap", config_map_name(owner.name, code)), ("ConfigMap", progress_config_map_name(owner)),
+            *([("ServiceAccount", trainer)] if own_account else []), ("Role", trainer), ("RoleBinding", trainer)]
 
 
 def _secret_env(name: str, ref) -> dict:
@@ -172,7 +192,7 @@ def trainer_env(owner: Owner, spec: JobSpec, stage: str, attempt: int, shape: St
     storage = spec.storage
     shape = shape or stage_pods(owner.kind, spec, stage)
     env = [
-        {"name": "MASTER_ADDR", "value": master_address(owner.name, owner.info.code, stage, attempt)},
+        {"name": "MASTER_ADDR", "value": master_address(owner.name, stage, attempt)},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         {"name": "NNODES", "value": str(shape.pods)},
         {"name": "NPROC_PER_NODE", "value": str(shape.procs_per_pod)},
@@ -292,7 +312,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
         pod_security["fsGroup"] = asked.fs_group
     work, work_mount = work_volume(owner, spec)
     pod_spec = {
-        "subdomain": service_name(owner.name, owner.info.code),
+        "subdomain": WORKER_SERVICE,  # hostnames <Job>-<index> are unique in the namespace (dhad_api.naming)
         "restartPolicy": "Never",
         "serviceAccountName": pods_service_account(owner, spec),
         "automountServiceAccountToken": defaults.service_account_tokens,
@@ -319,7 +339,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
                 "priorityClassName": pod.priority_class_name,
                 "imagePullSecrets": [s.to_json_dict() for s in pod.image_pull_secrets] or None,
                 "hostNetwork": pod.host_network or None, "hostIPC": pod.host_ipc or None,
-                # pods on the host network still resolve <job>-0.<service> (the master) through cluster DNS
+                # pods on the host network still resolve <Job>-0.dhad-workers (the master) through cluster DNS
                 "dnsPolicy": "ClusterFirstWithHostNet" if pod.host_network else None}
     pod_spec.update({k: v for k, v in optional.items() if v})
     job_labels = {**labels, **kueue(owner, spec)}
@@ -332,7 +352,7 @@ def training_job(owner: Owner, spec: JobSpec, stage: str, attempt: int, defaults
             **({"backoffLimit": 0} if shape.gang else _retry_per_index(spec)),
             # Kueue admits a queued Job by unsuspending it.
             "suspend": KUEUE_QUEUE_LABEL in job_labels,
-            "template": {"metadata": {"labels": {**pod.labels, **labels}, "annotations": dict(pod.annotations)},
+            "template": {"metadata": {"labels": {**pod.labels, **labels, LABEL_WORKER: "true"}, "annotations": dict(pod.annotations)},
                          "spec": pod_spec},
         },
     }

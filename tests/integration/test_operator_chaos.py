@@ -128,22 +128,25 @@ def test_operator_survives_sigkill_at_twenty_moments(kube, namespace, control_pl
     existing = {o["metadata"]["uid"] for o in custom.list_namespaced_custom_object("dhad.dev", "v1alpha1", namespace, "sftjobs")["items"]}
 
     def orphans():
-        children = (client.BatchV1Api(kube).list_namespaced_job(namespace).items + core.list_namespaced_service(namespace).items
+        services = [s for s in core.list_namespaced_service(namespace).items if s.metadata.name != "dhad-workers"]  # no job owns that one
+        children = (client.BatchV1Api(kube).list_namespaced_job(namespace).items + services
                     + core.list_namespaced_config_map(namespace, label_selector="dhad.dev/job").items
                     + core.list_namespaced_service_account(namespace, label_selector="dhad.dev/job").items
                     + rbac.list_namespaced_role(namespace).items + rbac.list_namespaced_role_binding(namespace).items)
         return [c.metadata.name for c in children if not any(r.uid in existing for r in c.metadata.owner_references or [])]
 
     wait_for(lambda: not orphans(), 90, "no orphaned children")
+    assert core.read_namespaced_service("dhad-workers", namespace).metadata.labels == {"app.kubernetes.io/managed-by": "dhad-operator"}
 
 
-CREATES_FOR_A_NEW_JOB = 7  # 6 static children and the Job, before the first status write
+CREATES_FOR_A_NEW_JOB = 7  # the namespace's Service, 5 static children and the Job, before the first status write
 
 
 def _children(kube, namespace: str, name: str) -> list:
+    """What the first job of a namespace makes: the namespace's Service (no job's) and the job's own children."""
     core, rbac = client.CoreV1Api(kube), client.RbacAuthorizationV1Api(kube)
     selector = f"dhad.dev/job={name}"
-    return (core.list_namespaced_service(namespace, label_selector=selector).items
+    return (core.list_namespaced_service(namespace, field_selector="metadata.name=dhad-workers").items
             + core.list_namespaced_config_map(namespace, label_selector=selector).items
             + core.list_namespaced_service_account(namespace, label_selector=selector).items
             + rbac.list_namespaced_role(namespace, label_selector=selector).items
@@ -152,7 +155,7 @@ def _children(kube, namespace: str, name: str) -> list:
 
 
 def test_operator_killed_between_every_pair_of_writes_and_during_status_writes(kube, control_plane, dhad_operator, tmp_path):
-    """A new job's first reconcile makes 7 children (in parallel; the Job after its ServiceAccount)
+    """A new job's first reconcile makes 7 objects (in parallel; the Job after its ServiceAccount)
     and then writes status: the operator exits right after each of those writes, and with its status
     write in flight; a fresh operator then brings every job to exactly the state one uninterrupted
     reconcile would have (all children ours, one Job, attempt 1), and they all succeed."""
@@ -183,7 +186,8 @@ def test_operator_killed_between_every_pair_of_writes_and_during_status_writes(k
                 uid = get(kube, namespace, "SFTJob", "crashed")["metadata"]["uid"]
                 made = wait_for(lambda ns=namespace: (lambda found: found if len(found) == CREATES_FOR_A_NEW_JOB else None)(
                     _children(kube, ns, "crashed")), 30, "every child")
-                assert all(child.metadata.owner_references[0].uid == uid for child in made)
+                assert all(child.metadata.owner_references[0].uid == uid for child in made if child.metadata.name != "dhad-workers")
+                assert [c.metadata.labels for c in made if c.metadata.name == "dhad-workers"] == [{"app.kubernetes.io/managed-by": "dhad-operator"}]
                 assert [j.metadata.name for j in client.BatchV1Api(kube).list_namespaced_job(namespace).items] == ["crashed-sft-1"]
                 for pod in running:
                     exit_pod(kube, namespace, pod, 0)

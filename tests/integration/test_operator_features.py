@@ -49,7 +49,6 @@ def test_deleting_the_job_garbage_collects_its_children(kube, namespace, dhad_op
 
     def all_gone():
         return not (jobs(kube, namespace, "tiny-sft") or pods(kube, namespace, "tiny-sft")
-                    or core.list_namespaced_service(namespace, label_selector=selector).items
                     or core.list_namespaced_config_map(namespace, label_selector=selector).items
                     or core.list_namespaced_service_account(namespace, label_selector=selector).items)
 

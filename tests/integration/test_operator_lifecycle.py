@@ -17,8 +17,8 @@ def test_sft_job_creates_its_children_and_succeeds(kube, namespace, dhad_operato
     apply(kube, namespace, tiny("sft", podTemplate={"annotations": {"dhad.test/kwok-exit": "0", "dhad.test/kwok-delay": "1s"}}))
     done = wait_state(kube, namespace, "SFTJob", "tiny-sft", "Succeeded", 90)
     core, batch = client.CoreV1Api(kube), client.BatchV1Api(kube)
-    services = core.list_namespaced_service(namespace, label_selector="dhad.dev/job=tiny-sft").items
-    assert [s.metadata.name for s in services] == ["tiny-sft-sft"]
+    services = core.list_namespaced_service(namespace).items  # the namespace's one, no job's own
+    assert [s.metadata.name for s in services] == ["dhad-workers"] and not services[0].metadata.owner_references
     assert services[0].spec.cluster_ip == "None" and services[0].spec.publish_not_ready_addresses
     spec_cm = core.read_namespaced_config_map("tiny-sft-sft-spec", namespace)
     job_file = json.loads(spec_cm.data["job.json"])
@@ -28,12 +28,12 @@ def test_sft_job_creates_its_children_and_succeeds(kube, namespace, dhad_operato
     assert [j.metadata.name for j in made] == ["tiny-sft-sft-1"]
     job = made[0]
     assert job.spec.completions == job.spec.parallelism == 2 and job.spec.backoff_limit == 0
-    assert job.spec.completion_mode == "Indexed" and job.spec.template.spec.subdomain == "tiny-sft-sft"
+    assert job.spec.completion_mode == "Indexed" and job.spec.template.spec.subdomain == "dhad-workers"
     assert job.metadata.owner_references[0].kind == "SFTJob"
     ran = pods(kube, namespace, "tiny-sft")
     assert sorted(p.spec.node_name for p in ran) == sorted(gpu_nodes)
     env = {e.name: e.value for e in ran[0].spec.containers[0].env}
-    assert env["MASTER_ADDR"] == "tiny-sft-sft-1-0.tiny-sft-sft"
+    assert env["MASTER_ADDR"] == "tiny-sft-sft-1-0.dhad-workers"
     status = done["status"]
     assert status["outputModel"].endswith("/sft/model") and status["attempt"] == 1 and status.get("restarts", 0) == 0
     assert status["observedGeneration"] == done["metadata"]["generation"]

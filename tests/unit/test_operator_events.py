@@ -15,7 +15,7 @@ from dhad_operator.controller import Controller
 from dhad_operator.handlers import Router, model_references
 from dhad_operator.k8s import JOB_KINDS, Kube
 from dhad_operator.reconcile import Observed, decide
-from dhad_operator.render import Defaults, Owner, static_children, training_job
+from dhad_operator.render import Defaults, Owner, namespace_children, static_children, training_job
 from tests.unit.test_reconcile import job_obj
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -55,7 +55,8 @@ def world():
     from dhad_api.jobs import parse_spec
 
     spec = parse_spec("SFTJob", cr["spec"])
-    objects = [api_object(c, f"uid-{c['kind']}-{i}", 200 + i) for i, c in enumerate(static_children(owner, spec, {"modelUri": "m"}))]
+    made = [*namespace_children("ml"), *static_children(owner, spec, {"modelUri": "m"})]
+    objects = [api_object(c, f"uid-{c['kind']}-{i}", 200 + i) for i, c in enumerate(made)]
     job = api_object(training_job(owner, spec, "sft", 1, Defaults()), JOB_UID, 300)
     job["status"] = {"active": 2, "ready": 2, "startTime": "2025-03-01T11:59:01Z", "uncountedTerminatedPods": {}, "terminating": 0}
     objects.append(job)
@@ -135,7 +136,7 @@ IGNORED = {
     "the spec ConfigMap's data": ("ConfigMap", "tiny-sft-sft-spec", lambda c: c["data"].update({"job.json": "{}"})),
     "a progress report with nothing status uses": ("ConfigMap", "tiny-sft-sft-progress", _progress_same_values),
     "a ServiceAccount's secrets": ("ServiceAccount", "tiny-sft-sft-trainer", lambda s: s.update(secrets=[{"name": "t"}])),
-    "a Service's clusterIP fields": ("Service", "tiny-sft-sft", lambda s: s["spec"].update(ipFamilies=["IPv4"])),
+    "a Service's clusterIP fields": ("Service", "dhad-workers", lambda s: s["spec"].update(ipFamilies=["IPv4"])),
     "a Role's annotations": ("Role", "tiny-sft-sft-trainer", lambda r: r["metadata"].update(annotations={"x": "y"})),
 }
 
@@ -248,3 +249,38 @@ def test_the_cached_job_keeps_its_kueue_labels_which_its_batch_jobs_carry():
     job = next(c for c in plan.create if c["kind"] == "Job")
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and job["spec"]["suspend"] is True
     assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+
+
+def _other_jobs(kube, router, recorder) -> None:
+    """Beside tiny-sft: an unfinished job in the same namespace, a finished one, and one elsewhere."""
+    for name, namespace, state in (("second", "ml", "Running"), ("done", "ml", "Succeeded"), ("elsewhere", "other", "Running")):
+        cr = job_obj()
+        cr["apiVersion"] = "dhad.dev/v1alpha1"
+        cr["metadata"].update(name=name, namespace=namespace, uid=f"uid-{name}", resourceVersion="50")
+        cr["status"] = {"state": state}
+        deliver(kube, router, cr)
+    recorder.added.clear()
+
+
+def test_a_deleted_namespace_service_wakes_every_unfinished_job_of_its_namespace_which_makes_it_again():
+    kube, controller, router, recorder = loaded()
+    _other_jobs(kube, router, recorder)
+    service = kube.cached("Service", "ml", "dhad-workers")
+    change = kube.stores["Service"].remove({**service, "metadata": {**service["metadata"], "resourceVersion": "999"}})
+    router.on_change("Service", *change)
+    assert sorted(recorder.added) == [("SFTJob", "ml", "second"), ("SFTJob", "ml", "tiny-sft")]
+    made = plan_now(kube, controller)["create"]
+    assert [(c["kind"], c["metadata"]["name"]) for c in made] == [("Service", "dhad-workers")]
+
+
+def test_a_namespace_service_someone_else_made_wakes_the_jobs_and_fails_them_naming_it():
+    kube, controller, router, recorder = loaded()
+    _other_jobs(kube, router, recorder)
+    _, objects = world()
+    theirs = edit(objects, "Service", "dhad-workers", lambda s: s["metadata"].update(labels={"app": "theirs"}))
+    deliver(kube, router, theirs)
+    assert sorted(recorder.added) == [("SFTJob", "ml", "second"), ("SFTJob", "ml", "tiny-sft")]
+    plan = plan_now(kube, controller)
+    failed = next(c for c in plan["status"]["conditions"] if c["type"] == "Failed")
+    assert plan["status"]["state"] == "Failed" and failed["reason"] == "NameCollision" and "dhad-workers" in failed["message"]
+    assert plan["create"] == []

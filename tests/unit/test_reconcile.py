@@ -13,7 +13,7 @@ import yaml
 from dhad_api.naming import STAGE_CODES
 from dhad_api.status import JobStatus
 from dhad_operator.reconcile import Foreign, Observed, Plan, Rejection, decide, progress_of
-from dhad_operator.render import Defaults, Owner, static_child_names
+from dhad_operator.render import Defaults, Owner, namespace_child_names, static_child_names
 from dhad_operator.status import fit_status, rfc3339
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,6 +76,7 @@ def children(name: str = "tiny-sft", kind: str = "SFTJob") -> set[tuple[str, str
 
 
 ALL = children()
+SHARED = set(namespace_child_names())  # the namespace's Service exists and is ours
 
 
 def exited(stage: str, attempt: int, code: int, message: str = "", index: int = 0, reason: str = "Error") -> dict:
@@ -100,12 +101,13 @@ def started(example: str = "sft", **changes) -> tuple[dict, Plan]:
 
 def running_obj(**changes) -> dict:
     obj, _ = started(**changes)
-    return then(obj, decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL)))
+    return then(obj, decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, shared=SHARED)))
 
 
 def test_new_job_creates_static_children_and_attempt_1():
     plan = decide_at(job_obj())
     assert [c["kind"] for c in plan.create] == ["Service", "ConfigMap", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
+    assert plan.create[0]["metadata"]["name"] == "dhad-workers" and "ownerReferences" not in plan.create[0]["metadata"]
     assert plan.create[-1]["metadata"]["name"] == "tiny-sft-sft-1"
     s = plan.status
     assert (s["attempt"], s["stage"], s["state"], s["startTime"], s["attemptStartTime"]) == (1, "sft", "Pending", rfc3339(NOW), rfc3339(NOW))
@@ -118,7 +120,7 @@ def test_new_job_creates_static_children_and_attempt_1():
 
 def test_decide_twice_is_idempotent():
     obj, first = started()
-    again = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], children=ALL))
+    again = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], children=ALL, shared=SHARED))
     assert again.create == [] and again.delete_jobs == [] and again.status["attempt"] == 1
     assert again.status == first.status and again.events == []
 
@@ -126,7 +128,7 @@ def test_decide_twice_is_idempotent():
 def test_a_job_whose_status_write_was_lost_is_taken_as_the_current_attempt():
     """The Job is created before status records it: a crash in between leaves Job 1 and no status."""
     obj = job_obj()
-    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], children=ALL))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], children=ALL, shared=SHARED))
     assert plan.create == [] and plan.status["attempt"] == 1 and plan.status["attemptStartTime"] == rfc3339(NOW)
     assert condition(plan.status, "Created")["status"] == "True" and plan.status["stages"][0]["attempt"] == 1
 
@@ -134,21 +136,21 @@ def test_a_job_whose_status_write_was_lost_is_taken_as_the_current_attempt():
 def test_a_job_deleted_by_hand_never_has_its_attempt_number_reused():
     obj = running_obj()
     old_pods = [pod("sft", 1, 0, "Running"), pod("sft", 1, 1, "Running")]
-    plan = decide_at(obj, Observed(children=ALL, labelled_pods=old_pods))  # Job 1 gone, its pods still stopping
+    plan = decide_at(obj, Observed(children=ALL, shared=SHARED, labelled_pods=old_pods))  # Job 1 gone, its pods still stopping
     s = plan.status
     assert plan.create == [] and (s["endedAttempt"], s["disruptions"], s["state"]) == (1, 1, "Restarting")
     assert condition(s, "Restarting")["reason"] == "JobDeleted" and plan.restart_reason == "JobDeleted"
     obj = then(obj, plan)
-    still = decide_at(obj, Observed(children=ALL, labelled_pods=[pod("sft", 1, 0, "Running")]))
+    still = decide_at(obj, Observed(children=ALL, shared=SHARED, labelled_pods=[pod("sft", 1, 0, "Running")]))
     assert still.create == [] and still.status == obj["status"]
-    gone = decide_at(obj, Observed(children=ALL, labelled_pods=[exited("sft", 1, 143)]))  # terminal pods hold nothing
+    gone = decide_at(obj, Observed(children=ALL, shared=SHARED, labelled_pods=[exited("sft", 1, 143)]))  # terminal pods hold nothing
     assert [c["metadata"]["name"] for c in gone.create] == ["tiny-sft-sft-2"] and gone.status["attempt"] == 2
     assert gone.status.get("restarts", 0) == 0
 
 
 def test_running_pods_make_the_job_running():
     obj, _ = started()
-    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, shared=SHARED))
     assert plan.status["state"] == "Running" and condition(plan.status, "Running")["status"] == "True"
     assert plan.status["stages"][0]["state"] == "Running" and plan.create == []
     assert plan.requeue_after == 1800  # the hang timer (hangTimeoutSeconds from attemptStartTime), not a poll
@@ -162,7 +164,7 @@ def test_progress_report_is_copied_into_status():
     report = {"stage": "sft", "step": 5, "totalSteps": 20, "loss": 2.5, "tokensPerSecond": 900.0,
               "updatedAt": rfc3339(NOW), "lastCheckpoint": f"{ROOT}/sft/checkpoints/step-000005"}
     config_map = {"data": {"progress": json.dumps(report)}}
-    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=progress_of(config_map), children=ALL))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=progress_of(config_map), children=ALL, shared=SHARED))
     assert plan.status["progress"] == {"step": 5, "totalSteps": 20, "loss": 2.5, "tokensPerSecond": 900.0,
                                        "updatedAt": rfc3339(NOW), "percent": 25}
     assert plan.status["lastCheckpoint"] == report["lastCheckpoint"]
@@ -176,7 +178,7 @@ def test_stage_figures_reach_status_as_numbers_only():
     figures = {"rewardMean": 0.42, "kl": 0.05, "forcedVerdicts": 12, "note": "text", "flag": True, "bad": float("nan"),
                **{f"extra{i:02d}": i for i in range(20)}}
     report = {"stage": "sft", "step": 3, "figures": figures}
-    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=report, children=ALL))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=report, children=ALL, shared=SHARED))
     kept = plan.status["progress"]["figures"]
     assert len(kept) == 16 and all(isinstance(v, float) for v in kept.values())
     assert {"rewardMean": 0.42, "kl": 0.05, "forcedVerdicts": 12.0}.items() <= kept.items()
@@ -185,7 +187,7 @@ def test_stage_figures_reach_status_as_numbers_only():
 
 
 def failing(obj: dict, *pods: dict, now: datetime = NOW, attempt: int = 1) -> Plan:
-    return decide_at(obj, Observed(jobs=[k8s_job("sft", attempt)], pods=list(pods), children=ALL), now)
+    return decide_at(obj, Observed(jobs=[k8s_job("sft", attempt)], pods=list(pods), children=ALL, shared=SHARED), now)
 
 
 def test_worker_failure_restarts_the_gang_after_backoff():
@@ -201,14 +203,14 @@ def test_worker_failure_restarts_the_gang_after_backoff():
 
     repeat = failing(obj, exited("sft", 1, 70, message), pod("sft", 1, 1))  # the same observation again
     assert repeat.status["restarts"] == 1 and repeat.create == []
-    deleting = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Failed", deleting=True)], children=ALL), NOW + timedelta(seconds=3))
+    deleting = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Failed", deleting=True)], children=ALL, shared=SHARED), NOW + timedelta(seconds=3))
     assert deleting.create == [] and deleting.delete_jobs == [] and deleting.requeue_after is None  # woken by the deletion
-    gone = decide_at(obj, Observed(children=ALL), NOW + timedelta(seconds=4))
+    gone = decide_at(obj, Observed(children=ALL, shared=SHARED), NOW + timedelta(seconds=4))
     assert gone.create == [] and gone.requeue_after == 6
-    assert decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Failed")], children=ALL), NOW + timedelta(seconds=11)).delete_jobs == ["tiny-sft-sft-1"]
+    assert decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Failed")], children=ALL, shared=SHARED), NOW + timedelta(seconds=11)).delete_jobs == ["tiny-sft-sft-1"]
 
     later = NOW + timedelta(seconds=11)
-    second = decide_at(obj, Observed(children=ALL), later)
+    second = decide_at(obj, Observed(children=ALL, shared=SHARED), later)
     assert [c["metadata"]["name"] for c in second.create] == ["tiny-sft-sft-2"]
     s2 = second.status
     assert (s2["attempt"], s2["restarts"], s2["attemptStartTime"], s2["state"]) == (2, 1, rfc3339(later), "Restarting")
@@ -219,7 +221,7 @@ def test_worker_failure_restarts_the_gang_after_backoff():
 
 
 def test_a_failed_job_without_pods_counts_as_a_worker_failure():
-    plan = decide_at(running_obj(), Observed(jobs=[k8s_job("sft", 1, "Failed")], children=ALL))
+    plan = decide_at(running_obj(), Observed(jobs=[k8s_job("sft", 1, "Failed")], children=ALL, shared=SHARED))
     assert plan.status["restarts"] == 1 and plan.restart_reason == "WorkerFailed"
 
 
@@ -245,7 +247,7 @@ def test_disruptions_restart_at_once_without_using_the_budget(failed):
     s = plan.status
     assert (s["disruptions"], s.get("restarts", 0), s["state"]) == (1, 0, "Restarting")
     assert s["nextAttemptAfter"] == rfc3339(NOW)
-    second = decide_at(then(obj, plan), Observed(children=ALL))
+    second = decide_at(then(obj, plan), Observed(children=ALL, shared=SHARED))
     assert [c["metadata"]["name"] for c in second.create] == ["tiny-sft-sft-2"]
     assert second.status.get("restarts", 0) == 0
 
@@ -275,7 +277,7 @@ def test_attempts_without_a_new_checkpoint_fail_with_no_progress():
     assert plan.status["state"] == "Failed" and condition(plan.status, "Failed")["reason"] == "NoProgress"
     # a new checkpoint in the progress report resets the count
     newer = {"stage": "sft", "step": 20, "lastCheckpoint": f"{ROOT}/sft/checkpoints/step-000020"}
-    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=[exited("sft", 1, 70)], progress=newer, children=ALL))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=[exited("sft", 1, 70)], progress=newer, children=ALL, shared=SHARED))
     assert plan.status["state"] == "Restarting" and plan.status["attemptsWithoutProgress"] == 0
 
 
@@ -290,7 +292,7 @@ def test_rlaif_runs_feedback_reward_policy_then_succeeds():
     done: list[dict] = []
     for stage, following in (("feedback", "reward"), ("reward", "policy")):
         attempt = obj["status"]["attempt"]
-        plan = decide_at(obj, Observed(jobs=[*done, k8s_job(stage, attempt, "Complete", name=name)], children=kids))
+        plan = decide_at(obj, Observed(jobs=[*done, k8s_job(stage, attempt, "Complete", name=name)], children=kids, shared=SHARED))
         s = plan.status
         assert [c["metadata"]["name"] for c in plan.create] == [f"{name}-{STAGE_CODES[following]}-1"]
         assert (s["stage"], s["attempt"], s["endedAttempt"], s["attemptsWithoutProgress"], s["restarts"]) == (following, 1, 0, 0, 1)
@@ -299,12 +301,12 @@ def test_rlaif_runs_feedback_reward_policy_then_succeeds():
         assert s["stages"][-1] == {"name": following, "state": "Pending", "attempt": 1, "startTime": rfc3339(NOW)}
         done.append(k8s_job(stage, attempt, "Complete", name=name))
         obj = then(obj, plan)
-    plan = decide_at(obj, Observed(jobs=[*done, k8s_job("policy", 1, "Complete", name=name)], children=kids))
+    plan = decide_at(obj, Observed(jobs=[*done, k8s_job("policy", 1, "Complete", name=name)], children=kids, shared=SHARED))
     s = plan.status
     assert s["state"] == "Succeeded" and s["outputModel"] == f"{root}/policy/model" and plan.create == []
     assert [e["name"] for e in s["stages"]] == ["feedback", "reward", "policy"] and s["completionTime"] == rfc3339(NOW)
     assert all(e["state"] == "Succeeded" for e in s["stages"])
-    finished = decide_at(then(obj, plan), Observed(jobs=done, children=kids))
+    finished = decide_at(then(obj, plan), Observed(jobs=done, children=kids, shared=SHARED))
     assert finished.create == [] and finished.status["state"] == "Succeeded"
 
 
@@ -313,25 +315,25 @@ def test_sft_with_respond_runs_respond_first():
                "teacher": {"endpoint": {"baseUrl": "https://llm.example.com/v1", "model": "t"}}}
     obj, plan = started(respond=respond)
     assert plan.create[-1]["metadata"]["name"] == "tiny-sft-rsp-1"
-    plan = decide_at(obj, Observed(jobs=[k8s_job("respond", 1, "Complete")], children=ALL))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("respond", 1, "Complete")], children=ALL, shared=SHARED))
     assert plan.create[-1]["metadata"]["name"] == "tiny-sft-sft-1" and plan.status["stage"] == "sft"
 
 
 def test_suspend_stops_the_attempt_and_unsuspend_starts_a_new_one():
     obj = running_obj()
     obj["spec"]["suspend"] = True
-    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, shared=SHARED))
     s = plan.status
     assert plan.delete_jobs == ["tiny-sft-sft-1"] and s["state"] == "Suspended" and s["endedAttempt"] == s["attempt"] == 1
     assert plan.create == [] and any(e[1] == "Suspended" for e in plan.events)
     obj = then(obj, plan)
     pods_stopping = [exited("sft", 1, 143)]
-    still = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, deleting=True)], pods=pods_stopping, children=ALL))
+    still = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, deleting=True)], pods=pods_stopping, children=ALL, shared=SHARED))
     assert still.delete_jobs == [] and still.create == [] and still.status.get("disruptions", 0) == 0 and not still.events
     obj["spec"]["suspend"] = False
-    waiting = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, deleting=True)], children=ALL))
+    waiting = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, deleting=True)], children=ALL, shared=SHARED))
     assert waiting.create == [] and waiting.requeue_after is None  # woken when the old Job is gone
-    resumed = decide_at(obj, Observed(children=ALL))
+    resumed = decide_at(obj, Observed(children=ALL, shared=SHARED))
     assert [c["metadata"]["name"] for c in resumed.create] == ["tiny-sft-sft-2"]
     assert resumed.status["state"] == "Pending" and resumed.status.get("restarts", 0) == 0
     assert condition(resumed.status, "Suspended")["status"] == "False"
@@ -340,10 +342,10 @@ def test_suspend_stops_the_attempt_and_unsuspend_starts_a_new_one():
 def test_active_deadline_fails_the_job_and_deletes_the_attempt():
     obj = running_obj(activeDeadlineSeconds=1200)
     later = NOW + timedelta(seconds=1200)
-    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL), later)
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, shared=SHARED), later)
     assert plan.status["state"] == "Failed" and condition(plan.status, "Failed")["reason"] == "DeadlineExceeded"
     assert plan.delete_jobs == ["tiny-sft-sft-1"]
-    early = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL), later - timedelta(seconds=1))
+    early = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, shared=SHARED), later - timedelta(seconds=1))
     assert early.status["state"] == "Running"
 
 
@@ -369,15 +371,16 @@ def test_from_job_waits_for_the_referenced_job_then_uses_its_model():
 
 def test_ttl_after_finished_deletes_the_children_but_not_the_job():
     obj = running_obj(ttlSecondsAfterFinished=600)
-    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Complete")], children=ALL))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Complete")], children=ALL, shared=SHARED))
     assert plan.status["state"] == "Succeeded" and plan.status["outputModel"] == f"{ROOT}/sft/model"
     assert plan.requeue_after == 600 and not plan.delete_children
     obj = then(obj, plan)
-    observed = Observed(jobs=[k8s_job("sft", 1, "Complete")], children=ALL)
+    observed = Observed(jobs=[k8s_job("sft", 1, "Complete")], children=ALL, shared=SHARED)
     before = decide_at(obj, observed, NOW + timedelta(seconds=100))
     assert before.requeue_after == 500 and not before.delete_children and before.delete_jobs == []
     after = decide_at(obj, observed, NOW + timedelta(seconds=600))
     assert sorted(after.delete_children) == sorted([("Job", "tiny-sft-sft-1"), *ALL]) and after.create == []
+    assert ("Service", "dhad-workers") not in after.delete_children  # the namespace's, not this job's
     assert condition(after.status, "ChildrenDeleted")["reason"] == "TTLExpired"
     assert [e[1] for e in after.events] == ["TTLExpired"]
     obj = then(obj, after)
@@ -390,7 +393,7 @@ def test_ttl_after_finished_deletes_the_children_but_not_the_job():
 def test_finished_jobs_stop_any_job_still_running():
     obj = running_obj()
     failed = then(obj, failing(obj, exited("sft", 1, 78)))
-    plan = decide_at(failed, Observed(jobs=[k8s_job("sft", 1)], children=ALL))
+    plan = decide_at(failed, Observed(jobs=[k8s_job("sft", 1)], children=ALL, shared=SHARED))
     assert plan.delete_jobs == ["tiny-sft-sft-1"] and plan.create == [] and plan.requeue_after is None
 
 
@@ -421,11 +424,11 @@ def test_image_pull_back_off_is_a_condition_with_the_kubelets_message():
     obj, _ = started()
     waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "ghcr.io/dhad/trainer:0.1.0"'}
     stuck = pod("sft", 1, 0, "Pending", containerStatuses=[{"name": "trainer", "state": {"waiting": waiting}}])
-    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=[stuck, pod("sft", 1, 1, "Pending")], children=ALL))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=[stuck, pod("sft", 1, 1, "Pending")], children=ALL, shared=SHARED))
     problem = condition(plan.status, "ImagePullBackOff")
     assert problem["status"] == "True" and "Back-off pulling image" in problem["message"]
     assert plan.status["state"] == "Pending" and plan.delete_jobs == []
-    fixed = decide_at(then(obj, plan), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL))
+    fixed = decide_at(then(obj, plan), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, shared=SHARED))
     assert condition(fixed.status, "ImagePullBackOff")["status"] == "False" and fixed.status["state"] == "Running"
 
 
@@ -437,24 +440,24 @@ def unschedulable(since: datetime) -> dict:
 
 def test_unschedulable_past_the_timeout_is_a_condition_not_a_failure():
     obj, _ = started()
-    observed = Observed(jobs=[k8s_job("sft", 1)], pods=[unschedulable(NOW - timedelta(seconds=700))], children=ALL)
+    observed = Observed(jobs=[k8s_job("sft", 1)], pods=[unschedulable(NOW - timedelta(seconds=700))], children=ALL, shared=SHARED)
     plan = decide_at(obj, observed)
     cond = condition(plan.status, "Unschedulable")
     assert cond["status"] == "True" and "Insufficient nvidia.com/gpu" in cond["message"]
     assert plan.status["state"] == "Pending" and plan.delete_jobs == []
     recent = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=[unschedulable(NOW - timedelta(seconds=100))]))
     assert condition(recent.status, "Unschedulable") is None
-    scheduled = decide_at(then(obj, plan), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL))
+    scheduled = decide_at(then(obj, plan), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, shared=SHARED))
     assert condition(scheduled.status, "Unschedulable")["status"] == "False"
 
 
 def test_kueue_queued_job_is_queued_until_admitted():
     obj, plan = started(queueName="team-a")
     assert plan.create[-1]["spec"]["suspend"] is True and plan.status["state"] == "Queued"
-    queued = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, suspend=True)], children=ALL))
+    queued = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, suspend=True)], children=ALL, shared=SHARED))
     assert queued.status["state"] == "Queued" and "team-a" in condition(queued.status, "Queued")["message"]
     assert queued.status == obj["status"]  # nothing new to write after the creation
-    admitted = decide_at(then(obj, queued), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL))
+    admitted = decide_at(then(obj, queued), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, shared=SHARED))
     assert admitted.status["state"] == "Running" and condition(admitted.status, "Queued")["status"] == "False"
 
 
@@ -472,9 +475,9 @@ def test_a_started_job_ignores_its_references_afterwards():
     ref, model = ("PretrainJob", "tiny-pretrain"), "s3://dhad-demo/dhad/ml/tiny-pretrain-u1/pretrain/model"
     obj = then(obj, decide_at(obj, Observed(references={ref: {"status": {"state": "Succeeded", "outputModel": model}}})))
     for gone in (None, {"status": {"state": "Running"}}, {"status": {"state": "Succeeded", "outputModel": "s3://dhad-demo/other"}}):
-        plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), references={ref: gone}, children=ALL))
+        plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), references={ref: gone}, children=ALL, shared=SHARED))
         assert plan.status["state"] == "Running" and plan.status["resolvedModel"] == model
-        done = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Complete")], references={ref: gone}, children=ALL))
+        done = decide_at(obj, Observed(jobs=[k8s_job("sft", 1, "Complete")], references={ref: gone}, children=ALL, shared=SHARED))
         assert done.status["state"] == "Succeeded"
 
 
@@ -484,7 +487,7 @@ def test_backoff_is_capped_and_failed_nodes_are_avoided():
     plan = failing(obj, exited("sft", 1, 70, index=1))
     assert plan.status["nextAttemptAfter"] == rfc3339(NOW + timedelta(seconds=150)) and plan.status["failedNodes"] == ["node-1"]
     later = NOW + timedelta(seconds=150)
-    job = decide_at(then(obj, plan), Observed(children=ALL), later).create[0]
+    job = decide_at(then(obj, plan), Observed(children=ALL, shared=SHARED), later).create[0]
     terms = job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert terms[0]["matchExpressions"][0]["values"] == ["node-1"]
 
@@ -504,15 +507,36 @@ def test_a_name_held_by_another_owner_is_a_failed_condition_never_adoption():
 def test_pods_count_only_when_their_job_is_ours():
     spoof = exited("sft", 1, 78, json.dumps({"reason": "BadConfig", "message": "spoofed"}))
     spoof["metadata"]["ownerReferences"] = owned_by("uid-someone-elses-job")
-    plan = decide_at(running_obj(), Observed(jobs=[k8s_job("sft", 1)], pods=[*running(), spoof], children=ALL))
+    plan = decide_at(running_obj(), Observed(jobs=[k8s_job("sft", 1)], pods=[*running(), spoof], children=ALL, shared=SHARED))
     assert plan.status["state"] == "Running" and plan.delete_jobs == []
 
 
 def test_a_missing_child_is_made_again_while_the_attempt_runs():
     lost = ("ServiceAccount", "tiny-sft-sft-trainer")
-    plan = decide_at(running_obj(), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL - {lost}))
+    plan = decide_at(running_obj(), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL - {lost}, shared=SHARED))
     assert [(c["kind"], c["metadata"]["name"]) for c in plan.create] == [lost]
     assert plan.status["attempt"] == 1 and plan.status["state"] == "Running"
+
+
+def test_the_namespace_service_is_made_again_by_a_running_job_that_finds_it_missing():
+    plan = decide_at(running_obj(), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL))
+    assert [(c["kind"], c["metadata"]["name"]) for c in plan.create] == [("Service", "dhad-workers")]
+    assert "ownerReferences" not in plan.create[0]["metadata"]  # deleting this job must leave it to the others
+    assert plan.status["attempt"] == 1 and plan.status["state"] == "Running"
+
+
+def test_a_namespace_service_not_ours_fails_the_job_naming_it_and_is_never_adopted():
+    theirs = {("Service", "dhad-workers"): Foreign("no owner")}
+    plan = decide_at(job_obj(), Observed(foreign=theirs))
+    failed = condition(plan.status, "Failed")
+    assert plan.status["state"] == "Failed" and failed["reason"] == "NameCollision"
+    assert "Service dhad-workers" in failed["message"] and "app.kubernetes.io/managed-by=dhad-operator" in failed["message"]
+    assert plan.create == [] and plan.status.get("attempt", 0) == 0  # no Job whose pods would resolve through it
+    later = decide_at(running_obj(), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, foreign=theirs))
+    assert later.status["state"] == "Failed" and condition(later.status, "Failed")["reason"] == "NameCollision"
+    going = decide_at(job_obj(), Observed(foreign={("Service", "dhad-workers"): Foreign("no owner", owner_gone=True)}))
+    assert going.status["state"] == "Pending" and condition(going.status, "Created")["reason"] == "WaitingForGarbageCollection"
+    assert going.create == []
 
 
 def test_a_child_the_apiserver_rejects_fails_the_job_with_its_message():
@@ -536,17 +560,17 @@ PSA = ('Error creating: pods "tiny-sft-sft-1-0-x" is forbidden: violates PodSecu
 
 def test_pods_that_admission_refuses_fail_the_job_or_wait_for_quota():
     obj, _ = started()
-    refused = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], children=ALL, pod_errors={job_uid("sft", 1): PSA}))
+    refused = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], children=ALL, shared=SHARED, pod_errors={job_uid("sft", 1): PSA}))
     failed = condition(refused.status, "Failed")
     assert refused.status["state"] == "Failed" and failed["reason"] == "PodsRejected" and "IPC_LOCK" in failed["message"]
     assert refused.delete_jobs == ["tiny-sft-sft-1"]
     quota = 'Error creating: pods "tiny-sft-sft-1-1-y" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=8'
-    waiting = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running()[:1], children=ALL, pod_errors={job_uid("sft", 1): quota}))
+    waiting = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running()[:1], children=ALL, shared=SHARED, pod_errors={job_uid("sft", 1): quota}))
     created = condition(waiting.status, "Created")
     assert waiting.status["state"] == "Pending" and created["reason"] == "PodsNotCreated" and "exceeded quota" in created["message"]
     assert waiting.delete_jobs == [] and any(e[1] == "PodsNotCreated" for e in waiting.events)
     # the quota freed: all pods exist, the old event does not matter any more
-    later = decide_at(then(obj, waiting), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, pod_errors={job_uid("sft", 1): quota}))
+    later = decide_at(then(obj, waiting), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, shared=SHARED, pod_errors={job_uid("sft", 1): quota}))
     assert later.status["state"] == "Running" and condition(later.status, "Created")["status"] == "True"
 
 
@@ -556,7 +580,7 @@ def test_values_from_the_trainer_are_checked_before_they_reach_status():
               "updatedAt": rfc3339(NOW)}
     progress = progress_of({"data": {"progress": json.dumps(report)}})
     obj = running_obj()
-    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=progress, children=ALL))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=progress, children=ALL, shared=SHARED))
     s = plan.status
     assert s["scores"] == {"f1": 0.5} and len(s["lastCheckpoint"]) == 1024 and s["progress"]["step"] == 5
     assert "loss" not in s["progress"] and "epoch" not in s["progress"]
@@ -564,10 +588,10 @@ def test_values_from_the_trainer_are_checked_before_they_reach_status():
     assert invalid["status"] == "True" and "scores.acc" in invalid["message"] and "loss" in invalid["message"]
     assert fit_status(s) == (s, [])  # what is written is exactly what the CRD holds
     obj["spec"]["suspend"] = True  # and the job still obeys its spec
-    suspended = decide_at(then(obj, plan), Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=progress, children=ALL))
+    suspended = decide_at(then(obj, plan), Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=progress, children=ALL, shared=SHARED))
     assert suspended.status["state"] == "Suspended" and suspended.delete_jobs == ["tiny-sft-sft-1"]
     fixed = decide_at(then(obj, plan) | {"spec": job_obj()["spec"]},
-                      Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=progress_of({"data": {"progress": json.dumps({"stage": "sft", "step": 6})}}), children=ALL))
+                      Observed(jobs=[k8s_job("sft", 1)], pods=running(), progress=progress_of({"data": {"progress": json.dumps({"stage": "sft", "step": 6})}}), children=ALL, shared=SHARED))
     assert condition(fixed.status, "InvalidProgressReport")["status"] == "False"
 
 
@@ -582,10 +606,10 @@ def test_fit_status_prunes_defaults_cuts_and_drops():
 
 def test_timers_are_the_next_due_moment():
     deadline = decide_at(running_obj(activeDeadlineSeconds=1200, restartPolicy={"hangTimeoutSeconds": 0}),
-                         Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL), NOW + timedelta(seconds=200))
+                         Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL, shared=SHARED), NOW + timedelta(seconds=200))
     assert deadline.requeue_after == 1000
     obj, _ = started(restartPolicy={"unschedulableTimeoutSeconds": 600})
-    stuck = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=[unschedulable(NOW - timedelta(seconds=100))], children=ALL))
+    stuck = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=[unschedulable(NOW - timedelta(seconds=100))], children=ALL, shared=SHARED))
     assert stuck.requeue_after == 500
     failed = failing(running_obj(restartPolicy={"backoffSeconds": 40}), exited("sft", 1, 70))
     assert failed.requeue_after == 40
@@ -609,12 +633,12 @@ def test_independent_pods_are_retried_by_the_job_and_end_the_attempt_only_with_i
     env = {e["name"]: e.get("value") for e in job["template"]["spec"]["containers"][0]["env"]}
     assert (env["NNODES"], env["NPROC_PER_NODE"]) == ("3", "1")
     one_failed = [exited("sft", 1, 70, index=0), pod("sft", 1, 1), pod("sft", 1, 2)]
-    going = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=one_failed, children=ALL))
+    going = decide_at(obj, Observed(jobs=[k8s_job("sft", 1)], pods=one_failed, children=ALL, shared=SHARED))
     assert going.status["state"] == "Running" and going.delete_jobs == [] and going.status.get("restarts", 0) == 0
-    over = decide_at(then(obj, going), Observed(jobs=[k8s_job("sft", 1, "Failed")], pods=one_failed, children=ALL))
+    over = decide_at(then(obj, going), Observed(jobs=[k8s_job("sft", 1, "Failed")], pods=one_failed, children=ALL, shared=SHARED))
     assert over.status["state"] == "Restarting" and over.status["restarts"] == 1 and over.restart_reason == "WorkerFailed"
     bad = [exited("sft", 1, 78, json.dumps({"reason": "BadConfig", "message": "spec.data[0]: missing"})), pod("sft", 1, 1)]
-    done = decide_at(then(obj, going), Observed(jobs=[k8s_job("sft", 1, "Failed")], pods=bad, children=ALL))
+    done = decide_at(then(obj, going), Observed(jobs=[k8s_job("sft", 1, "Failed")], pods=bad, children=ALL, shared=SHARED))
     assert done.status["state"] == "Failed" and condition(done.status, "Failed")["reason"] == "BadConfig"
 
 
@@ -631,7 +655,7 @@ def prepare_obj(**status) -> dict:
 def test_a_failed_prepare_worker_is_left_to_the_job_to_retry_alone():
     obj = prepare_obj()
     pods = [pod("prepare", 1, 0), exited("prepare", 1, 70, "worker 1: boom", index=1), pod("prepare", 1, 2)]
-    plan = decide_at(obj, Observed(jobs=[k8s_job("prepare", 1)], pods=pods, children=children(kind="PretrainJob")))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("prepare", 1)], pods=pods, children=children(kind="PretrainJob"), shared=SHARED))
     assert not plan.delete_jobs and not plan.create and plan.status.get("restarts", 0) == 0
     assert plan.status["state"] == "Running" and plan.status["attempt"] == 1
 
@@ -639,19 +663,19 @@ def test_a_failed_prepare_worker_is_left_to_the_job_to_retry_alone():
 def test_a_prepare_job_that_failed_ends_the_attempt_with_its_pods_reason():
     obj = prepare_obj()
     retried = decide_at(obj, Observed(jobs=[k8s_job("prepare", 1, "Failed")],
-                                      pods=[exited("prepare", 1, 70, "out of retries", index=1)], children=children(kind="PretrainJob")))
+                                      pods=[exited("prepare", 1, 70, "out of retries", index=1)], children=children(kind="PretrainJob"), shared=SHARED))
     assert retried.delete_jobs == ["tiny-sft-dp-1"] and retried.status["restarts"] == 1
     assert retried.status["state"] == "Restarting"
     bad = decide_at(obj, Observed(jobs=[k8s_job("prepare", 1, "Failed")],
                                   pods=[exited("prepare", 1, 65, json.dumps({"reason": "DataError", "message": "s3://x: empty dataset"}),
-                                                index=2)], children=children(kind="PretrainJob")))
+                                                index=2)], children=children(kind="PretrainJob"), shared=SHARED))
     assert bad.status["state"] == "Failed" and condition(bad.status, "Failed")["reason"] == "DataError"
     assert "empty dataset" in condition(bad.status, "Failed")["message"] and bad.status.get("restarts", 0) == 0
 
 
 def test_a_complete_prepare_job_starts_the_pretrain_gang():
     obj = prepare_obj()
-    plan = decide_at(obj, Observed(jobs=[k8s_job("prepare", 1, "Complete")], children=children(kind="PretrainJob")))
+    plan = decide_at(obj, Observed(jobs=[k8s_job("prepare", 1, "Complete")], children=children(kind="PretrainJob"), shared=SHARED))
     assert plan.status["stage"] == "pretrain"
     assert [c["metadata"]["name"] for c in plan.create] == ["tiny-sft-pt-1"]
     assert plan.create[0]["spec"]["backoffLimit"] == 0 and plan.create[0]["spec"]["completions"] == 2
@@ -695,6 +719,6 @@ def test_the_planned_condition_refuses_a_job_that_cannot_fit_before_any_child_ex
 def test_the_plan_is_checked_until_the_job_starts_and_not_after():
     obj, plan = started("sft", model=LLAMA_7B, resources={"nodes": 1, "gpusPerNode": 1})
     assert plan.status.get("startTime") and condition(plan.status, "Planned")["status"] == "Unknown"
-    later = decide_at(obj, Observed(nodes=[SMALL], children=ALL, jobs=[k8s_job("sft", 1)]))
+    later = decide_at(obj, Observed(nodes=[SMALL], children=ALL, shared=SHARED, jobs=[k8s_job("sft", 1)]))
     assert later.status["state"] != "Failed"  # a started job is never refused by a plan (nodes came later)
     assert condition(later.status, "Planned")["status"] == "Unknown"

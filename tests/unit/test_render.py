@@ -1,5 +1,6 @@
-"""The renderers without a cluster: names, labels, owners, the Service, the Job, the spec ConfigMap,
-the progress RBAC, secrets only by reference, pod overrides, and a golden file of a tiny SFT job."""
+"""The renderers without a cluster: names, labels, owners, the namespace's Service, the Job, the spec
+ConfigMap, the progress RBAC, secrets only by reference, pod overrides, and a golden file of a tiny
+SFT job."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ import yaml
 
 from dhad_api.jobs import KINDS, Job, JobKind, parse_spec
 from dhad_api.layout import model_uri, output_root
-from dhad_api.naming import HOSTNAME_LIMIT, MAX_NAME_LENGTH, MAX_NODES, STAGE_CODES
+from dhad_api.naming import HOSTNAME_LIMIT, MAX_ATTEMPT, MAX_NAME_LENGTH, MAX_NODES, STAGE_CODES, pod_hostname
 from dhad_operator.render import (
     KUEUE_QUEUE_LABEL,
     RESTRICTED_CONTAINER,
     WORK_DIR,
     Defaults,
     Owner,
+    managed_by_us,
+    namespace_child_names,
+    namespace_children,
+    static_child_names,
     static_children,
     training_job,
 )
@@ -77,10 +82,10 @@ def test_children_have_deterministic_names_labels_and_a_controller_owner(path):
     name, code = owner.name, KINDS[JobKind(doc["kind"])].code
     stage = KINDS[JobKind(doc["kind"])].stages[-1]
     names = {(c["kind"], c["metadata"]["name"]) for c in children}
-    assert names == {("Service", f"{name}-{code}"), ("ConfigMap", f"{name}-{code}-spec"),
+    assert names == {("ConfigMap", f"{name}-{code}-spec"),
                      ("ConfigMap", f"{name}-{code}-progress"), ("ServiceAccount", f"{name}-{code}-trainer"),
                      ("Role", f"{name}-{code}-trainer"), ("RoleBinding", f"{name}-{code}-trainer")}
-    assert children[0]["kind"] == "Service"  # created first: the master's DNS name exists before pods start
+    assert [(c["kind"], c["metadata"]["name"]) for c in children] == static_child_names(owner, spec)
     assert job["metadata"]["name"] == f"{name}-{STAGE_CODES[stage]}-1"
     for child in [*children, job]:
         meta = child["metadata"]
@@ -94,14 +99,44 @@ def test_children_have_deterministic_names_labels_and_a_controller_owner(path):
     assert render(doc)[2:] == (children, job)
 
 
+def test_the_namespace_has_one_headless_service_no_job_owns():
+    (service,) = namespace_children(NS)
+    assert [(service["kind"], service["metadata"]["name"])] == namespace_child_names() == [("Service", "dhad-workers")]
+    assert service["metadata"]["namespace"] == NS and "ownerReferences" not in service["metadata"]
+    assert service["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "dhad-operator"} and managed_by_us(service)
+    assert not managed_by_us({"metadata": {"name": "dhad-workers", "labels": {"app": "theirs"}}})
+    spec = service["spec"]
+    assert spec["clusterIP"] == "None" and spec["publishNotReadyAddresses"] is True
+    assert spec["selector"] == {"dhad.dev/worker": "true"} and spec["ports"][0]["port"] == 29500
+
+
 @pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
-def test_headless_service_selects_every_attempt_of_the_job(path):
-    owner, _, children, job = render(load(path.stem), attempt=3)
-    service = by_kind(children)["Service"][0]["spec"]
-    assert service["clusterIP"] == "None" and service["publishNotReadyAddresses"] is True
-    assert service["selector"] == {"dhad.dev/job": owner.name, "dhad.dev/kind": owner.kind}
-    assert service["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
-    assert service["ports"][0]["port"] == 29500
+def test_the_namespace_service_selects_every_attempt_of_every_kind(path):
+    (service,) = namespace_children(NS)
+    for attempt in (1, 3):
+        owner, _, _, job = render(load(path.stem), attempt=attempt)
+        pod = job["spec"]["template"]
+        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+        # the user's pod labels cannot take a pod out of the Service
+        _, _, _, labelled = render(load(path.stem, podTemplate={"labels": {"dhad.dev/worker": "no", "team": "nlp"}}), attempt=attempt)
+        assert labelled["spec"]["template"]["metadata"]["labels"]["dhad.dev/worker"] == "true"
+
+
+def test_hostnames_in_the_shared_subdomain_are_unique_per_job_stage_attempt_and_index():
+    """Every pod of a namespace has the subdomain dhad-workers, so its hostname alone must tell the pods
+    apart: names made to look like another job's suffix (`a-pt-1`) included, and across kinds."""
+    names = ["a", "a-pt", "a-pt-1", "a-1", "a-sft", "a-sft-1-0", "x" * MAX_NAME_LENGTH]
+    seen: dict[str, tuple] = {}
+    for name in names:
+        for stage in STAGE_CODES:
+            for attempt in (1, 2, 10, MAX_ATTEMPT):
+                for index in (0, 1, 10, MAX_NODES - 1):
+                    host = pod_hostname(name, stage, attempt, index)
+                    assert seen.setdefault(host, (name, stage, attempt, index)) == (name, stage, attempt, index), host
+                    assert len(host) <= HOSTNAME_LIMIT
+    codes = [STAGE_CODES[stage] for info in KINDS.values() for stage in info.stages]
+    assert len(codes) == len(set(codes)) == len(STAGE_CODES)  # a stage code names one kind: one name in two kinds differs too
 
 
 @pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
@@ -113,7 +148,7 @@ def test_job_is_an_indexed_gang_without_retries(path):
     assert (js["completionMode"], js["completions"], js["parallelism"], js["backoffLimit"]) == ("Indexed", nodes, nodes, 0)
     assert js["suspend"] is False and KUEUE_QUEUE_LABEL not in job["metadata"]["labels"]
     pod = js["template"]["spec"]
-    service = by_kind(children)["Service"][0]["metadata"]["name"]
+    service = "dhad-workers"
     assert pod["subdomain"] == service and pod["restartPolicy"] == "Never"
     assert pod["serviceAccountName"] == by_kind(children)["ServiceAccount"][0]["metadata"]["name"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
@@ -319,12 +354,12 @@ def test_eval_judge_endpoint_key_comes_from_its_secret():
 
 
 def golden_children() -> str:
-    """examples/tiny/sft.yaml, attempt 1, its fromJob resolved to the pre-training job's model."""
+    """examples/tiny/sft.yaml, attempt 1, its fromJob resolved to the pre-training job's model; the namespace's Service first."""
     doc = load("sft")
     owner, spec, _, job = render(doc)
     resolved = {"modelUri": model_uri(output_root(spec.storage, NS, "tiny-pretrain", "pretrain-uid"), "pretrain"),
                 "outputRoot": output_root(spec.storage, NS, owner.name, UID)}
-    children = [*static_children(owner, spec, resolved), job]
+    children = [*namespace_children(NS), *static_children(owner, spec, resolved), job]
     return yaml.safe_dump_all(children, sort_keys=True, allow_unicode=True, width=120)
 
 
