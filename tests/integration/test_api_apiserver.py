@@ -314,12 +314,13 @@ def assert_python_rejects_the_same_field(doc: dict, fragment: str, apiserver_mes
 
 
 def rule_field(message: str) -> str:
-    """The fieldPath (".zeroStage") of the one API rule whose message this is, or "" when it has none."""
+    """The fieldPath (".zeroStage") of the API rules whose message this is, or "" when they have none
+    (one message may belong to several rules, such as the jobs' and a pipeline's env rule, at one path)."""
     def models(cls: type) -> list[type]:
         return [cls, *(m for sub in cls.__subclasses__() for m in models(sub))]
 
-    [rule] = {r for model in models(RuledModel) for r in model.rules if message.endswith(r.message)}
-    return rule.field_path or ""
+    [path] = {r.field_path or "" for model in models(RuledModel) for r in model.rules if message.endswith(r.message)}
+    return path
 
 
 def test_spec_is_immutable_except_suspend(kube, crds_installed, namespace):

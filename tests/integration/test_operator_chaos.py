@@ -170,7 +170,8 @@ def test_operator_killed_between_every_pair_of_writes_and_during_status_writes(k
             spaces.append(namespace)
             wait_for(lambda ns=namespace: core.read_namespaced_service_account("default", ns), 60, "default SA")
             crashing = start_operator(control_plane, tmp_path, f"crash-{i}", {"DHAD_TEST_CRASH": moment, "DHAD_WATCH_NAMESPACES": namespace})
-            apply(kube, namespace, tiny("sft", resources={"nodes": 2, "gpusPerNode": 0}), "crashed")  # CPU pods: all fit at once
+            apply(kube, namespace, tiny("sft", resources={"nodes": 2, "gpusPerNode": 0}, podTemplate={"nodeSelector": {"type": "kwok"}}),
+                  "crashed")  # CPU pods, on kwok nodes only (a node agent would really run them): all fit at once
             wait_for(lambda p=crashing: p.popen.poll() is not None, 60, f"the operator exits at {moment}")
             assert crashing.popen.returncode == 137, crashing.popen.returncode
             crashing.stop()

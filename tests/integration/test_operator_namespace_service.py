@@ -14,6 +14,8 @@ from tests.integration.jobs import PLURAL, apply, exit_pod, get, jobs, pods, run
 pytestmark = pytest.mark.cluster
 SERVICE = "dhad-workers"
 CPU = {"nodes": 2, "gpusPerNode": 0}  # CPU pods: both jobs' gangs fit at once
+# kwok nodes only: CPU pods could land on a node agent of another test, which really runs (and fails) them
+ON_KWOK = {"nodeSelector": {"type": "kwok"}}
 
 
 def _service(kube, namespace: str):
@@ -32,8 +34,8 @@ def _published_hostnames(kube, namespace: str) -> set[str]:
 
 
 def test_two_jobs_share_one_service_with_distinct_hostnames_and_deleting_one_leaves_it(kube, namespace, dhad_operator):
-    apply(kube, namespace, tiny("sft", resources=CPU), "first")
-    apply(kube, namespace, tiny("sft", resources=CPU), "second")
+    apply(kube, namespace, tiny("sft", resources=CPU, podTemplate=ON_KWOK), "first")
+    apply(kube, namespace, tiny("sft", resources=CPU, podTemplate=ON_KWOK), "second")
     first, second = running_pods(kube, namespace, "first", 1, 2), running_pods(kube, namespace, "second", 1, 2)
     services = client.CoreV1Api(kube).list_namespaced_service(namespace).items
     assert [s.metadata.name for s in services] == [SERVICE]
@@ -60,7 +62,7 @@ def test_two_jobs_share_one_service_with_distinct_hostnames_and_deleting_one_lea
 
 
 def test_a_deleted_namespace_service_is_made_again(kube, namespace, dhad_operator):
-    apply(kube, namespace, tiny("sft", resources=CPU))
+    apply(kube, namespace, tiny("sft", resources=CPU, podTemplate=ON_KWOK))
     running_pods(kube, namespace, "tiny-sft", 1, 2)
     before = _service(kube, namespace).metadata.uid
     client.CoreV1Api(kube).delete_namespaced_service(SERVICE, namespace)
@@ -74,7 +76,7 @@ def test_a_service_of_that_name_not_made_by_the_operator_fails_the_job_naming_it
     core = client.CoreV1Api(kube)
     core.create_namespaced_service(namespace, {"metadata": {"name": SERVICE, "labels": {"app": "theirs"}},
                                                "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 80}]}})
-    apply(kube, namespace, tiny("sft", resources=CPU))
+    apply(kube, namespace, tiny("sft", resources=CPU, podTemplate=ON_KWOK))
     failed = wait_state(kube, namespace, "SFTJob", "tiny-sft", "Failed", 30)
     condition = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")
     assert condition["reason"] == "NameCollision" and SERVICE in condition["message"]
