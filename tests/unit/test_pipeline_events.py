@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 DEFAULTS = Defaults(trainer_image="ghcr.io/dhad/trainer:0.1.0")
 KEY = (PIPELINE, "ml", "tiny-recipe")
+# The status of a pretrain stage job that finished with a model (what the next stage reads)
+PRETRAIN_DONE = {"state": "Succeeded", "startTime": "2026-01-01T12:00:05Z", "completionTime": "2026-01-01T12:10:00Z",
+                 "outputModel": "s3://dhad-demo/dhad/ml/x/pretrain/model"}
 
 
 class Recorder:
@@ -134,8 +137,7 @@ def test_the_stage_job_the_pipeline_creates_is_reconciled_and_its_status_wakes_t
 
     raw = copy.deepcopy(raw)
     raw["metadata"]["resourceVersion"] = version()
-    raw["status"] = {"state": "Succeeded", "startTime": "2026-01-01T12:00:05Z", "completionTime": "2026-01-01T12:10:00Z",
-                     "outputModel": "s3://dhad-demo/dhad/ml/x/pretrain/model"}
+    raw["status"] = copy.deepcopy(PRETRAIN_DONE)
     deliver(kube, router, "PretrainJob", raw)
     assert KEY in recorder.added
     after = plan_for(kube, controller)
@@ -161,8 +163,7 @@ def test_the_step_cache_informer_feeds_a_second_pipeline_which_reuses_the_stage(
     deliver(kube, router, PIPELINE, pipeline_object())
     [manifest] = plan_for(kube, controller).create
     done = created(manifest, "uid-c1", version())
-    done["status"] = {"state": "Succeeded", "startTime": "2026-01-01T12:00:05Z", "completionTime": "2026-01-01T12:10:00Z",
-                      "outputModel": "s3://dhad-demo/dhad/ml/x/pretrain/model"}
+    done["status"] = copy.deepcopy(PRETRAIN_DONE)
     kube._remember("PretrainJob", done)
     [entry] = [m for m in plan_for(kube, controller).create if m["kind"] == "ConfigMap"]
     recorder.added.clear()
