@@ -31,6 +31,10 @@ from .podrun import VENV_BIN, ConfigError, PodRun
 
 AGENT_LABEL = "dhad.test/agent"
 NODE_SELECTOR = {AGENT_LABEL: "true"}
+# The agent's nodes are tainted, so only pods that ask land there: kwok-only tests' CPU pods once landed on them
+# and really ran (hanging without S3) when the session's agent had started before them.
+TOLERATION = {"key": AGENT_LABEL, "operator": "Exists", "effect": "NoSchedule"}
+ON_AGENT = {"nodeSelector": NODE_SELECTOR, "tolerations": [TOLERATION]}  # a job's podTemplate for the agent's nodes
 HOST_IP = "127.0.0.1"
 log = logging.getLogger("dhad.test.node_agent")
 
@@ -152,13 +156,15 @@ class NodeAgent:
             capacity["nvidia.com/gpu"] = str(self.gpus)
         labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
                   **self.selector, "type": "dhad-node-agent"}
-        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+        taints = [{"key": AGENT_LABEL, "value": self.selector[AGENT_LABEL], "effect": "NoSchedule"}]
+        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}, "spec": {"taints": taints}}
         try:
             node = self.api.request("POST", "/api/v1/nodes", body)
         except ApiError as error:
             if error.status != 409:
                 raise
-            node = self.api.request("PATCH", f"/api/v1/nodes/{name}", {"metadata": {"labels": labels}}, patch="merge")
+            node = self.api.request("PATCH", f"/api/v1/nodes/{name}", {"metadata": {"labels": labels}, "spec": {"taints": taints}},
+                                    patch="merge")
         self.node_uids[name] = node["metadata"]["uid"]
         status = {"capacity": capacity, "allocatable": capacity,
                   "addresses": [{"type": "InternalIP", "address": HOST_IP}, {"type": "Hostname", "address": name}],

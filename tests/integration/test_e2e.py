@@ -18,7 +18,7 @@ from dhad_trainer.data.chat import ASSETS
 from dhad_trainer.local.tiny import init_tiny_model
 from tests.conftest import wait_for
 from tests.harness.controlplane import kubectl
-from tests.harness.node_agent import NODE_SELECTOR, node_agent  # noqa: F401 - the fixture
+from tests.harness.node_agent import ON_AGENT, node_agent  # noqa: F401 - the fixture
 from tests.integration.jobs import REPO, get, pods, wait_state
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.torchrun]
@@ -44,7 +44,7 @@ def _manifest(namespace: str, s3_server, bucket: str, tmp_path) -> dict:
     spec["training"].update(maxSteps=16, logEverySteps=2)
     spec["restartPolicy"] = {"maxRestarts": 2, "backoffSeconds": 1}
     spec["env"] = [{"name": "DHAD_PROGRESS_INTERVAL", "value": "1"}]
-    spec["podTemplate"] = {"nodeSelector": NODE_SELECTOR}
+    spec["podTemplate"] = ON_AGENT
     return doc
 
 

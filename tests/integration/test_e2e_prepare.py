@@ -18,7 +18,7 @@ from dhad_trainer.local.tiny import init_tiny_model
 from dhad_trainer.storage.s3 import S3Store
 from tests.conftest import wait_for
 from tests.harness.controlplane import kubectl
-from tests.harness.node_agent import NODE_SELECTOR, node_agent  # noqa: F401 - the fixture
+from tests.harness.node_agent import ON_AGENT, node_agent  # noqa: F401 - the fixture
 from tests.integration.jobs import REPO, get, wait_state
 from tests.support.arabic_corpus import documents, write_jsonl
 
@@ -40,7 +40,7 @@ def _manifest(name: str, namespace: str, s3_server, bucket: str, workers: int, p
     spec["resources"] = {"nodes": 1, "gpusPerNode": 0, "sharedMemory": "64Mi"}
     spec["restartPolicy"] = {"maxRestarts": 2, "backoffSeconds": 1}
     spec["env"] = [{"name": "DHAD_PROGRESS_INTERVAL", "value": "1"}, {"name": "DHAD_PREPARED_ROOT", "value": prepared}]
-    spec["podTemplate"] = {"nodeSelector": NODE_SELECTOR}
+    spec["podTemplate"] = ON_AGENT
     return doc
 
 

@@ -105,6 +105,8 @@ def install(control_plane, kube, crds_installed, gpu_nodes, node_agent, s3_serve
                   # what this environment needs, nothing else: the operator's pods on the node agent's nodes,
                   # which share one network namespace, and the environment's S3 server for jobs
                   "--set-string", "nodeSelector.dhad\\.test/agent=true", "--set", "listenOnPodIP=true",
+                  "--set", "tolerations[0].key=dhad.test/agent", "--set", "tolerations[0].operator=Exists",
+                  "--set", "tolerations[0].effect=NoSchedule",
                   "--set", f"storage.endpoint={s3_server.url}", "--set", "storage.secretName=dhad-s3")
         yield inst
     finally:

@@ -15,7 +15,7 @@ import pytest
 from kubernetes import client
 
 from tests.conftest import wait_for
-from tests.harness.node_agent import NODE_SELECTOR, NodeAgent, node_agent  # noqa: F401 - the fixture
+from tests.harness.node_agent import NODE_SELECTOR, TOLERATION, NodeAgent, node_agent  # noqa: F401 - the fixture
 from tests.harness.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +57,8 @@ def pod(name: str, command: list[str], **spec) -> dict:
     container = {"name": "main", "image": "dhad/trainer:test", "command": command,
                  **spec.pop("container", {})}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-            "spec": {"restartPolicy": "Never", "nodeSelector": NODE_SELECTOR, "containers": [container]} | spec}
+            "spec": {"restartPolicy": "Never", "nodeSelector": NODE_SELECTOR, "tolerations": [TOLERATION],
+                     "containers": [container]} | spec}
 
 
 def terminated(core, ns: str, name: str):
