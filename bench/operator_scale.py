@@ -233,7 +233,7 @@ class JobWatch:
         self._watch.stop()
 
 
-def start(label: str, api: Api, cp: ControlPlane, kubeconfig: Path, logs: Path) -> tuple[Process, str | None]:
+def start(label: str, api: Api, cp: ControlPlane, kubeconfig: Path, logs: Path, dhad_env: dict) -> tuple[Process, str | None]:
     """Starts one operator as the bench identity; returns it and (for Dhad) its metrics URL."""
     env = {"KUBECONFIG": str(kubeconfig)}
     if label == "kopf":
@@ -241,7 +241,7 @@ def start(label: str, api: Api, cp: ControlPlane, kubeconfig: Path, logs: Path) 
                                str(FLOOR / "op_kopf.py")], logs, env=env), None
     if label == "go":
         return Process(label, [str(build_floor_go())], logs, env=env), None
-    process = start_operator(cp, logs, name=label, extra_env={**env, "DHAD_RESYNC_SECONDS": "600"})
+    process = start_operator(cp, logs, name=label, extra_env={**env, "DHAD_RESYNC_SECONDS": "600", **dhad_env})
     return process, process.metrics_url
 
 
@@ -269,7 +269,7 @@ def run_one(label: str, args, api: Api, cp: ControlPlane, kubeconfig: Path, logs
     spec = dict(SPEC, nodes=2) if label in ("kopf", "go") else dict(SPEC, queueName="bench") if label == "dhad-queued" else SPEC
     body = lambda name: {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SFTJob", "metadata": {"name": name}, "spec": spec}  # noqa: E731
     watch = JobWatch(api, ns)
-    op, url = start(label, api, cp, kubeconfig, logs)
+    op, url = start(label, api, cp, kubeconfig, logs, dict(e.split("=", 1) for e in args.dhad_env))
     try:
         # The canary proves the operator's watches are up; everything is measured after it.
         api.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body("canary"))
@@ -412,6 +412,8 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=60, help="then this long measuring idle requests/s")
     parser.add_argument("--quiet", type=float, default=5, help="the operator is done when its request count is still this long")
     parser.add_argument("--keep", action="store_true", help="keep the control plane's folder (logs)")
+    parser.add_argument("--dhad-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment for Dhad's operator (e.g. DHAD_WORKERS=16), repeatable")
     args = parser.parse_args()
     labels = [x for x in args.only.split(",") if x]
     if unknown := set(labels) - set(ALL):

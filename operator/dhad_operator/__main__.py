@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="where /healthz and /readyz are served")
     parser.add_argument("--namespace", action="append", default=[], help="watch only these namespaces (default: all, or DHAD_WATCH_NAMESPACES)")
     parser.add_argument("--log-level", default=os.environ.get("DHAD_LOG_LEVEL", "INFO"))
-    parser.add_argument("--workers", type=int, default=8, help="reconciles at once (never two of one job)")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("DHAD_WORKERS", "8")),
+                        help="reconciles at once (never two of one job); default DHAD_WORKERS or 8")
     args = parser.parse_args(argv)
     namespaces = args.namespace or [n for n in os.environ.get("DHAD_WATCH_NAMESPACES", "").split(",") if n]
     handler = logging.StreamHandler(sys.stdout)

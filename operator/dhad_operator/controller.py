@@ -184,6 +184,7 @@ class Controller:
         self.kube, self.defaults, self.resync_seconds = kube, defaults, resync_seconds
         self.is_leader, self.stuck_after, self.workers = is_leader, stuck_after, workers
         self.queue = WorkQueue()
+        kube.wake = self._wake
         self._specs: dict[tuple[str, int], object] = {}
         self._stopped = False
         self.started = False
@@ -260,18 +261,16 @@ class Controller:
             return
         try:
             observed = self.observe(obj)
+            refused = self.kube.refused_in_background(obj["metadata"]["uid"])
+            self._note_refusals(observed, refused)
             now = now_utc()
             plan = decide(obj, observed, now, self.defaults)
             rejected = self.kube.execute(obj, plan, rfc3339(now))
-            if rejected:  # decide again knowing what the apiserver refused (a condition, an event)
-                for child, rejection in rejected.items():
-                    if rejection.code == 409:
-                        gone = rejection.owner_ref[0] in JOB_KINDS and self.kube.job_by_uid(rejection.owner_ref[1]) is None
-                        observed.foreign[child] = Foreign(rejection.owner, gone)
-                    else:
-                        observed.rejected[child] = rejection
-                plan = decide(obj, observed, now, self.defaults)
-                self.kube.execute(obj, plan, rfc3339(now))
+            if rejected or refused:  # decide again knowing what the apiserver refused (a condition, an event)
+                if rejected:
+                    self._note_refusals(observed, rejected)
+                    plan = decide(obj, observed, now, self.defaults)
+                    self.kube.execute(obj, plan, rfc3339(now))
                 if plan.status.get("state") != "Failed":
                     self.queue.add_rate_limited(key)  # a transient refusal: try again later
                     return
@@ -283,6 +282,22 @@ class Controller:
         self.queue.forget(key)
         if plan.requeue_after is not None:
             self.queue.add_after(key, plan.requeue_after + 0.05)  # status times are whole seconds
+
+    def _note_refusals(self, observed: Observed, rejected: dict) -> None:
+        """What the apiserver refused, as decide() reads it: a name held by another owner, or a rejection."""
+        for child, rejection in rejected.items():
+            if rejection.code == 409:
+                gone = rejection.owner_ref[0] in JOB_KINDS and self.kube.job_by_uid(rejection.owner_ref[1]) is None
+                observed.foreign[child] = Foreign(rejection.owner, gone)
+            else:
+                observed.rejected[child] = rejection
+
+    def _wake(self, key: Key, failed: bool) -> None:
+        """A background create of this job's was refused (decide now) or not answered (try again later)."""
+        if failed:
+            self.queue.add_rate_limited(key)
+        else:
+            self.queue.add(key)
 
     def reconcile_pipeline(self, key: Key, obj: dict, started: float) -> None:
         """observe -> pipeline.decide -> execute; a refused create is decided again knowing who holds the

@@ -41,7 +41,13 @@ from dhad_operator import observe
 from dhad_operator.observe import STEP_CACHE
 from dhad_operator.pipeline import PipelinePlan
 from dhad_operator.reconcile import Plan, Rejection
-from dhad_operator.render import LABEL_JOB, LABEL_KIND, managed_by_us, namespace_child_names
+from dhad_operator.render import (
+    LABEL_JOB,
+    LABEL_KIND,
+    managed_by_us,
+    namespace_child_names,
+    needed_before_the_job,
+)
 
 log = logging.getLogger("dhad.k8s")
 JOB_KINDS = frozenset(info.kind.value for info in KINDS.values())
@@ -401,7 +407,13 @@ class Kube:
         self.informers: list[Informer] = []
         self._on_change = None
         self._writers = ThreadPoolExecutor(write_threads, thread_name_prefix="dhad-write")
-        self._events = ThreadPoolExecutor(2, thread_name_prefix="dhad-event")
+        # Events and the children a Job's pods start without: two threads, so in a burst of new jobs
+        # they take little of the apiserver from the writes that make Jobs.
+        self._background = ThreadPoolExecutor(2, thread_name_prefix="dhad-background")
+        self._in_flight: set[tuple[str, str, str]] = set()  # (kind, namespace, name) of background creates
+        self._refused: dict[str, dict[tuple[str, str], Rejection]] = defaultdict(dict)  # owner UID -> refused background creates
+        self._background_lock = threading.Lock()
+        self.wake = lambda key, failed: None  # (job kind, namespace, name), failed: the controller's to requeue
         # A test hook for the chaos test: "after-writes:N" exits (137) once N writes are done,
         # "in-status:N" exits with the N-th status write sent and its answer unread.
         self._crash = (crash.split(":")[0], int(crash.split(":")[1])) if crash else None
@@ -582,16 +594,20 @@ class Kube:
             except ApiError as error:
                 log.warning("event not recorded: %s", error)
 
-        self._events.submit(post)
+        self._background.submit(post)
 
     def execute(self, obj: dict, plan: Plan, now_text: str) -> dict[tuple[str, str], Rejection]:
-        """Creates (together; a Job after its pods' ServiceAccount), then status, then deletes, then
-        events. A refused create stops there: the reconcile decides again knowing why."""
+        """Creates of what the Job's pods need (together; the Job after its pods' ServiceAccount), then the
+        rest in the background, then status, then deletes, then events. A refused create stops there: the
+        reconcile decides again knowing why."""
         ns, uid = obj["metadata"]["namespace"], obj["metadata"]["uid"]
         if plan.create:
-            rejected = self._create_all(plan.create, uid)
+            rejected = self._create_all([m for m in plan.create if needed_before_the_job(m)], uid)
             if rejected:
                 return rejected
+            for manifest in plan.create:
+                if not needed_before_the_job(manifest):
+                    self._create_in_background(manifest, uid)
         if plan.status != (obj.get("status") or {}):
             self.replace_status(obj, plan.status)
         deletes = [("Job", name, "Foreground") for name in plan.delete_jobs] + [(k, n, "Background") for k, n in plan.delete_children]
@@ -613,6 +629,43 @@ class Kube:
             if rejection := future.result():
                 rejected[(manifest["kind"], manifest["metadata"]["name"])] = rejection
         return rejected
+
+    def _create_in_background(self, manifest: dict, owner_uid: str) -> None:
+        """Creates a child off the reconcile's path; the job is woken if the apiserver refused it (the
+        next reconcile takes the refusal from refused_in_background) or could not answer (with backoff)."""
+        meta = manifest["metadata"]
+        child = (manifest["kind"], meta["namespace"], meta["name"])
+        owner = next(r for r in meta["ownerReferences"] if r.get("controller"))
+        key = (owner["kind"], meta["namespace"], owner["name"])
+        with self._background_lock:
+            if child in self._in_flight:
+                return
+            self._in_flight.add(child)
+
+        def create():
+            failed = refused = False
+            try:
+                if rejection := self.create(manifest, owner_uid):
+                    with self._background_lock:
+                        self._refused[owner_uid][(child[0], child[2])] = rejection
+                    refused = True
+            except NotLeading:
+                pass  # whoever leads makes it
+            except Exception as error:  # noqa: BLE001 - the API is unwell: the job tries again with backoff
+                log.warning("%s %s not created: %s", child[0], child[2], error, extra={"job": "/".join(key)})
+                failed = True
+            finally:
+                with self._background_lock:
+                    self._in_flight.discard(child)
+            if refused or failed:
+                self.wake(key, failed)
+
+        self._background.submit(create)
+
+    def refused_in_background(self, owner_uid: str) -> dict[tuple[str, str], Rejection]:
+        """What the apiserver refused of this job's background creates since the last call."""
+        with self._background_lock:
+            return self._refused.pop(owner_uid, {})
 
     def execute_pipeline(self, obj: dict, plan: PipelinePlan, now_text: str) -> dict[str, Rejection]:
         """Status first (the retry records name the jobs created next, so they survive a crash), then deletes

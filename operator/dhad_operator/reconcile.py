@@ -169,6 +169,7 @@ def decide(obj: dict, observed: Observed, now: datetime, defaults: Defaults) -> 
         reason, message, permanent = blocked
         if permanent:
             _fail(plan, reason, message, now, generation)
+            _finished(obj, observed, now, plan, generation)  # a child made after the Job was refused: it stops too
         else:
             _pending(plan, reason, message, now, generation)
     return _fitted(plan, now, generation)

@@ -159,6 +159,16 @@ def progress_objects(owner: Owner, spec: JobSpec | None = None, defaults: Defaul
     ]
 
 
+def needed_before_the_job(manifest: dict) -> bool:
+    """What a Job's pods need to start: the spec ConfigMap (mounted), the ServiceAccount (pod admission),
+    the namespace's Service (the master's hostname). The progress ConfigMap and its Role and RoleBinding
+    are needed only at rank 0's first progress report, which is retried, so they are made after the
+    Job, off its path: at 500 jobs at once that path is the apiserver's queue."""
+    if manifest["kind"] in ("Role", "RoleBinding"):
+        return False
+    return not (manifest["kind"] == "ConfigMap" and PROGRESS_KEY in (manifest.get("data") or {}))
+
+
 def static_children(owner: Owner, spec: JobSpec, resolved: dict, defaults: Defaults | None = None) -> list[dict]:
     """Everything the job owns but the Jobs (none depends on another: they are created together)."""
     return [job_config_map(owner, spec, resolved), *progress_objects(owner, spec, defaults)]

@@ -98,6 +98,19 @@ def test_a_deleted_service_account_is_made_again_while_the_job_runs(kube, namesp
     assert again.metadata.owner_references[0].uid == get(kube, namespace, "SFTJob", "tiny-sft")["metadata"]["uid"]
 
 
+def test_a_role_held_by_another_owner_fails_the_job_and_stops_its_job(kube, namespace, dhad_operator):
+    """The Role is made after the Job (off its path), so its refusal comes after the Job exists: the job
+    still fails naming the Role's owner, and its Job goes."""
+    rbac = client.RbacAuthorizationV1Api(kube)
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "tiny-sft-sft-trainer"}, "rules": []})  # no labels: not in our cache
+    apply(kube, namespace, tiny("sft"))
+    failed = wait_state(kube, namespace, "SFTJob", "tiny-sft", "Failed", 60)
+    condition = _condition(failed, "Failed")
+    assert condition["reason"] == "NameCollision" and "Role tiny-sft-sft-trainer" in condition["message"], condition
+    wait_for(lambda: not jobs(kube, namespace, "tiny-sft"), 60, "the job's Job gone")
+    assert rbac.read_namespaced_role("tiny-sft-sft-trainer", namespace).rules in (None, [])  # never adopted or changed
+
+
 def test_static_children_missing_after_a_crash_are_made_before_the_job_runs(kube, namespace, control_plane, dhad_operator, tmp_path):
     """The operator died after the progress ConfigMap and before the ServiceAccount (the state is made
     by hand here, as the old operator left it: status attempt 1 written, three children created)."""

@@ -722,3 +722,13 @@ def test_the_plan_is_checked_until_the_job_starts_and_not_after():
     later = decide_at(obj, Observed(nodes=[SMALL], children=ALL, shared=SHARED, jobs=[k8s_job("sft", 1)]))
     assert later.status["state"] != "Failed"  # a started job is never refused by a plan (nodes came later)
     assert condition(later.status, "Planned")["status"] == "Unknown"
+
+
+def test_a_child_refused_while_the_attempt_runs_fails_the_job_and_stops_its_job():
+    """The Role is made after the Job (Kube.execute, off the Job's path): a name held by another owner
+    is found once the Job runs, and a Failed job keeps no Job running."""
+    role = ("Role", "tiny-sft-sft-trainer")
+    plan = decide_at(running_obj(), Observed(jobs=[k8s_job("sft", 1)], pods=running(), children=ALL - {role}, shared=SHARED,
+                                             foreign={role: Foreign("no owner")}))
+    assert plan.status["state"] == "Failed" and condition(plan.status, "Failed")["reason"] == "NameCollision"
+    assert plan.delete_jobs == ["tiny-sft-sft-1"] and plan.create == []
