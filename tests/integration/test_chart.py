@@ -32,11 +32,17 @@ LEASE_VERBS = {"create", "get", "update"}
 CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces", "nodes"}
 
 
+_RENDERED: dict[tuple, str] = {}  # helm's output by its arguments: the default is compared in every value's row
+
+
 def render(cp, home: Path, release: str, namespace: str, *sets: str) -> list[dict]:
-    flags = [f for s in sets for f in ("--set", s)]
-    out = helm(cp, home, "template", release, str(CHART), "-n", namespace, "--kube-version", KUBE_VERSION,
-               "--include-crds", *flags).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+    """`helm template` of the chart (CRDs included), parsed afresh on each call (tests may change it)."""
+    key = (release, namespace, sets)
+    if key not in _RENDERED:
+        flags = [f for s in sets for f in ("--set", s)]
+        _RENDERED[key] = helm(cp, home, "template", release, str(CHART), "-n", namespace, "--kube-version", KUBE_VERSION,
+                              "--include-crds", *flags).stdout
+    return [d for d in yaml.load_all(_RENDERED[key], Loader=yaml.CSafeLoader) if d]
 
 
 def operator_rules(docs: list[dict], release: str) -> set[tuple[str, str, str]]:
