@@ -5,7 +5,11 @@
    side). Throughput is input MB per second of wall time from the first worker's start of preparing
    to the last one's end (interpreter start-up excluded, the same for every row); the speed-up is
    against 1 worker of the same size. Peak RSS is each worker process's own maximum resident set
-   (VmHWM), the largest worker shown: it must stay under 1 GB and not grow with the input.
+   (VmHWM), the largest worker shown: it must stay under 1 GB and not grow with the input. A
+   worker holds one input piece (splitMegabytes) or one bucket group at a time, so its memory follows
+   the piece size, not the corpus: every size runs with the same --split-mb (default 8), and the
+   table prints the largest piece beside the RSS. (With the corpus in 8 files, the spec's default 64
+   would give 12.5 MB pieces at 100 MB and 64 MB pieces at 1 GB: two piece sizes, not two inputs.)
    A read-only pass (stream and decode every record, one process) is the floor.
 2. Near-duplicate recall and precision of the distributed dedup (3 workers) on a 20 MB sample with
    planted near duplicates (1 to 8 words of about 60 changed, so their Jaccard similarity spreads
@@ -97,10 +101,10 @@ def questions_file(root: Path, seed: int) -> tuple[Path, list[str]]:
     return path, questions
 
 
-def spec_for(corpus: Path, benchmarks: list[Path], workers: int) -> dict:
+def spec_for(corpus: Path, benchmarks: list[Path], workers: int, split_mb: float = 64) -> dict:
     return {"sources": [{"uri": str(corpus), "name": "arabic"}], "filters": {"minChars": 50},
             "decontamination": {"benchmarks": [str(b) for b in benchmarks], "questionFields": ["question"]},
-            "packing": {"sequenceLength": 2048, "blocksPerShard": 512}, "workers": workers, "splitMegabytes": 64}
+            "packing": {"sequenceLength": 2048, "blocksPerShard": 512}, "workers": workers, "splitMegabytes": split_mb}
 
 
 def worker_main(args) -> None:
@@ -145,6 +149,17 @@ def run_workers(work: Path, spec: dict, tokenizer: Path, out: Path) -> dict:
     stats = json.loads((out / "stats.json").read_text())
     return {"seconds": max(r["end"] for r in rows) - min(r["start"] for r in rows),
             "rss_mb": max(r["rss_mb"] for r in rows), "stats": stats}
+
+
+def largest_pieces(corpus: Path, split_mb: float) -> tuple[int, float]:
+    """(pieces, the largest piece in MB) as the pipeline plans them for this corpus."""
+    from dhad_api.data_prep import SourceSpec
+    from dhad_trainer.data.readers import describe, plan_pieces
+
+    src = SourceSpec(uri=str(corpus))
+    pieces = plan_pieces([src], [describe(src.uri, None)], max(1, int(split_mb * 1024 * 1024)))
+    sizes = [(p.end if p.end >= 0 else Path(p.uri).stat().st_size) - p.start for p in pieces]
+    return len(pieces), max(sizes) / 1e6
 
 
 def read_only(corpus: Path) -> float:
@@ -219,6 +234,7 @@ def main() -> None:
     p.add_argument("--sizes", default="100,1024", help="corpus sizes in MB, comma-separated")
     p.add_argument("--workers", default="1,2,4")
     p.add_argument("--dedup-mb", type=float, default=20)
+    p.add_argument("--split-mb", type=float, default=8, help="splitMegabytes for every size (the piece a worker holds)")
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args()
     if args.command == "worker":
@@ -245,9 +261,11 @@ def main() -> None:
         print(f"\n{size:.0f} MB: {planted['documents']} documents generated in {time.perf_counter() - started:.0f} s "
               f"(planted: {planted['exact']} exact, {planted['near']} near, {planted['contaminated']} contaminated)", flush=True)
         floor = read_only(corpus)
-        table[mb] = {"size": size, "read_only": floor, "planted": planted, "rows": {}}
+        pieces = largest_pieces(corpus, args.split_mb)
+        print(f"  splitMegabytes {args.split_mb:g}: {pieces[0]} pieces, the largest {pieces[1]:.1f} MB", flush=True)
+        table[mb] = {"size": size, "read_only": floor, "planted": planted, "rows": {}, "pieces": pieces}
         for n in counts:
-            r = run_workers(work, spec_for(corpus, benchmarks, n), tokenizer, work / f"out-{mb:g}-{n}")
+            r = run_workers(work, spec_for(corpus, benchmarks, n, args.split_mb), tokenizer, work / f"out-{mb:g}-{n}")
             table[mb]["rows"][n] = r
             d = r["stats"]["dropped"]
             print(f"  {n} worker(s): {r['seconds']:.0f} s, {size / r['seconds']:.2f} MB/s, peak RSS {r['rss_mb']:.0f} MB; "
@@ -268,6 +286,8 @@ def main() -> None:
         print(line)
     print(f"{'read-only':>8s}" + "".join(f" | {'':>9s}{t['read_only']:6.0f} {t['size'] / t['read_only']:6.2f} {'':>8s} {'':>7s}"
                                          for t in table.values()))
+    print(f"{'pieces':>8s}" + "".join(f" | {'':>9s}{t['pieces'][0]:6d}, the largest {t['pieces'][1]:5.1f} MB{'':>7s}"
+                                       for t in table.values()))
     worst = max(r["rss_mb"] for t in table.values() for r in t["rows"].values())
     print(f"largest worker peak RSS: {worst:.0f} MB ({'under' if worst < 1024 else 'OVER'} 1 GB)")
 
