@@ -233,6 +233,26 @@ def test_sft_example_without_gradient_checkpointing_is_refused_with_the_numbers(
     assert verdict.status == "False" and not verdict.refuse  # reported, not refused
 
 
+def test_dhad_plan_prints_each_stage_and_exits_by_the_verdict(tmp_path):
+    """The command a user runs: the SFT example fits (exit 0, its Planned line); the pipeline prints every
+    stage and gate; the same SFT job on a 24 GiB GPU does not fit (exit 2, the numbers in the message)."""
+    def dhad_plan(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dhad_trainer.cli", "plan", *args], capture_output=True, text=True, timeout=120)
+
+    sft = REPO / "examples" / "gpu" / "acegpt-7b-sft.yaml"
+    fits = dhad_plan("-f", str(sft))
+    assert fits.returncode == 0, fits.stderr
+    assert fits.stdout.startswith("model Llama-2-7B: ") and "\n  sft: ZeRO-2, bf16, 16 process(es): " in fits.stdout
+    assert "Planned=True (PlanFits)" in fits.stdout.splitlines()[-1]
+    small = dhad_plan("-f", str(sft), "--gpu-memory", "24Gi")
+    assert small.returncode == 2 and "Planned=False (PlanExceedsGPUMemory)" in small.stdout
+    assert "more than the 24.0 GiB of one" in small.stdout
+    pipeline = dhad_plan("-f", str(REPO / "examples" / "gpu" / "acegpt-7b-pipeline.yaml"))
+    assert pipeline.returncode == 0, pipeline.stdout + pipeline.stderr
+    labels = [line[3:].split(" (")[0] for line in pipeline.stdout.splitlines() if line.startswith("== ")]
+    assert labels[:2] == ["cpt", "sft"] and "sft/gate" in labels and pipeline.stdout.count("Planned=True") == len(labels)
+
+
 def test_gpu_memory_comes_from_the_field_then_node_labels_then_the_product():
     kind, spec = example(REPO / "examples" / "gpu" / "acegpt-7b-sft.yaml")
     spec = spec.model_copy(update={"pod_template": spec.pod_template.model_copy(update={"node_selector": {"pool": "a"}})})
