@@ -149,18 +149,11 @@ def transitive(names: set[str]) -> set[str]:
 
 @pytest.mark.parametrize("path", sorted((REPO / "examples" / "gpu").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_feature_of_the_gpu_examples_comes_with_the_trainer_image(path):
-    import yaml
-
-    from dhad_api.jobs import parse_spec, stages_for
+    from dhad_api.jobs import stages_for
     from dhad_trainer.runtime.preflight import packages_needed
+    from tests.support.examples import example_jobs
 
-    doc = yaml.safe_load(path.read_text())
-    if doc["kind"] == "Pipeline":  # every stage's and gate's job
-        from dhad_api.pipeline import parse_pipeline, plan_pipeline
-
-        jobs = [(step.kind, step.spec) for step in plan_pipeline(parse_pipeline(doc["spec"]))]
-    else:
-        jobs = [(doc["kind"], parse_spec(doc["kind"], doc["spec"]))]
+    jobs = [(kind, spec) for _, kind, spec in example_jobs(path)]  # a Pipeline: every stage's and gate's job
     provided = transitive(set(requirements(pip_targets(IMAGES["trainer"]))))
     needed = {name: why for kind, spec in jobs for name, why in packages_needed(spec, stages_for(kind, spec)).items()}
     missing = {name: why for name, why in needed.items() if canonicalize_name(name) not in provided}

@@ -4,7 +4,6 @@ has not moved. Served by the real Health server, asked over HTTP as a liveness p
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.error
@@ -17,12 +16,7 @@ from dhad_operator.health import Health
 from dhad_operator.k8s import RESOURCES, Informer, Kube, Store
 from dhad_operator.render import Defaults
 from tests.conftest import wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.harness.processes import free_port
 
 
 def probe(port: int, path: str = "/healthz") -> tuple[int, str]:

@@ -249,16 +249,8 @@ def test_every_gpu_example_that_loads_from_the_hub_names_its_token_secret(path):
     """Llama-2 is gated on the Hub: a job that loads an hf:// model without spec.hfTokenSecretRef stops at
     pre-flight ("no token is set", above), after the GPUs were granted. Every job of every GPU example
     (a Pipeline's stages and gates with its defaults applied) that reads from the Hub names the Secret."""
-    import yaml
+    from tests.support.examples import example_jobs
 
-    from dhad_api.jobs import parse_spec
-    from dhad_api.pipeline import parse_pipeline, plan_pipeline
-
-    doc = yaml.safe_load(path.read_text())
-    if doc["kind"] == "Pipeline":
-        jobs = [(step.label, step.spec) for step in plan_pipeline(parse_pipeline(doc["spec"]))]
-    else:
-        jobs = [(doc["metadata"]["name"], parse_spec(doc["kind"], doc["spec"]))]
-    for name, spec in jobs:
+    for name, _, spec in example_jobs(path):
         if "hf://" in json.dumps(spec.to_json_dict()):
             assert spec.hf_token_secret_ref is not None, f"{path.name}: {name} loads from hf:// without hfTokenSecretRef"
