@@ -2,7 +2,7 @@
 # The whole test suite on a fresh or warm machine: venv, cached control-plane build, then pytest.
 # Under CI (CI=true) a skipped test fails the run: CI is green only when every test ran.
 # `--fast` (make test-fast): only the tests marked unit (no control plane, S3 server or torchrun), so
-# no control-plane build either. Other arguments go to pytest.
+# no control-plane build either, spread over the cores. Other arguments go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$repo"
@@ -12,8 +12,9 @@ echo "setup: venv ready in $((SECONDS - start)) s" >&2
 selection=()
 if [ "${1:-}" = "--fast" ]; then
   shift
-  selection=(-m unit)
-  export DHAD_TEST_FAST=1  # tests may draw fewer property-based examples (tests/unit/test_api.py)
+  # one worker per core (pytest-xdist), each on one thread: the unit tests are many small CPU-bound ones
+  selection=(-m unit -n auto --dist worksteal)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 else
   bin="$(bash hack/build-control-plane.sh)"
   echo "setup: control plane in $bin ($((SECONDS - start)) s)" >&2

@@ -3,7 +3,6 @@ spec the CRD schema admits round-trips through the models with defaults applied.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -172,16 +171,58 @@ def _from_schema(schema: dict, depth: int = 0) -> st.SearchStrategy:
     if kind == "object" and "properties" in schema:
         required = set(schema.get("required", []))
         optional = [k for k in schema["properties"] if k not in required]
-        return st.fixed_dictionaries(
+        fields = st.fixed_dictionaries(
             {k: _from_schema(schema["properties"][k], depth + 1) for k in required},
             optional={k: _from_schema(schema["properties"][k], depth + 1) for k in optional} if depth < 4 else {},
         )
+        pairs = _field_pairs(schema)
+        if not any(pairs.values()):
+            return fields
+        return _with_pairs(fields, pairs, schema["properties"], depth)
     return st.just({})
 
 
-# make test-fast (DHAD_TEST_FAST=1) draws a third of the specs: most drawn specs break a CEL rule and are
-# redrawn, so 30 valid ones cost about 1,500 draws, most of the fast loop's time.
-ROUND_TRIPS = 10 if os.environ.get("DHAD_TEST_FAST") == "1" else 30
+EXACTLY_ONE = re.compile(r"^has\(self\.(\w+)\) != has\(self\.(\w+)\)$")
+AT_MOST_ONE = re.compile(r"^!\(has\(self\.(\w+)\) && has\(self\.(\w+)\)\)$")
+
+
+def _field_pairs(schema: dict) -> dict[str, list[tuple[str, str]]]:
+    """The object's CEL rules over two fields' presence ("exactly one of", "at most one of"): drawn as the
+    rule says rather than drawn blind and redrawn (blind, nearly every SFTJob broke one: 200 of 200)."""
+    rules = [r["rule"] for r in schema.get("x-kubernetes-validations", [])]
+    return {name: [m.groups() for m in map(pattern.match, rules) if m]
+            for name, pattern in (("exactly", EXACTLY_ONE), ("at_most", AT_MOST_ONE))}
+
+
+def _with_pairs(fields: st.SearchStrategy, pairs: dict, properties: dict, depth: int) -> st.SearchStrategy:
+    @st.composite
+    def draw(d):
+        value = d(fields)
+        for a, b in pairs["exactly"] + pairs["at_most"]:
+            if a in value and b in value:
+                value.pop(d(st.sampled_from((a, b))))
+        for a, b in pairs["exactly"]:
+            if a not in value and b not in value:
+                key = d(st.sampled_from((a, b)))
+                value[key] = d(_from_schema(properties[key], depth + 1))
+        return value
+
+    return draw()
+
+
+_STRATEGIES: dict = {}  # kind -> strategy: rendering the CRD for every draw cost most of the test's time
+
+
+def _spec_strategy(info) -> st.SearchStrategy:
+    if info.kind not in _STRATEGIES:
+        root = crd.crd(info)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        _STRATEGIES[info.kind] = _from_schema(root["properties"]["spec"])
+    return _STRATEGIES[info.kind]
+
+
+# Valid specs per kind. Drawn with the presence rules kept, 27-65% of draws pass every CEL rule (blind: 0-11%),
+# and with the strategy built once per kind 50 cost about a second.
+ROUND_TRIPS = 50
 
 
 @pytest.mark.parametrize("info", KINDS.values(), ids=lambda i: i.kind.value)
@@ -189,8 +230,7 @@ ROUND_TRIPS = 10 if os.environ.get("DHAD_TEST_FAST") == "1" else 30
           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(data=st.data())
 def test_specs_the_schema_admits_round_trip_through_the_models(info, data):
-    root = crd.crd(info)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    spec = data.draw(_from_schema(root["properties"]["spec"]))
+    spec = data.draw(_spec_strategy(info))
     try:
         model = parse_spec(info.kind, spec)
     except ValidationError as error:

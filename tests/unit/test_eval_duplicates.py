@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import time
 from collections import Counter
 from itertools import combinations
 
@@ -127,9 +126,7 @@ def recount_groups(questions: list[str], threshold: float = 0.8) -> dict[str, in
 @pytest.mark.benchmarks
 def test_real_mmlu_duplicates() -> None:
     items = load_suite("arabic-mmlu", BENCH)
-    start = time.perf_counter()
     rep = find_duplicates(items)
-    elapsed = time.perf_counter() - start
     s = rep.summary()
     expected = recount_groups(raw_questions("arabic-mmlu"))
     assert {k: s[k] for k in expected} == expected
@@ -145,7 +142,6 @@ def test_real_mmlu_duplicates() -> None:
     }
     assert len({i.split("-")[0] for i in top.item_ids}) > 20  # spread over many subjects
     assert s["groups_with_conflicting_answers"] == 89
-    assert elapsed < 20, f"duplicate detection took {elapsed:.1f}s"  # ~2 s unloaded; shared CI cores
 
 
 @pytest.mark.benchmarks

@@ -146,7 +146,7 @@ stage.respond(run, batch=1)
 def test_sigterm_mid_way_stops_cleanly_and_a_new_process_finishes(tmp_path):
     texts = [f"سؤال رقم {i} عن الرياضة والصحة" for i in range(60)]
     src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": t} for t in texts])
-    with server(latency_s=0.1) as srv:
+    with server(latency_s=0.05) as srv:
         run = make_run(tmp_path, srv.base_url, [{"uri": str(src), "schema": "prompt-completion"}], concurrency=2)
         (tmp_path / "spec.json").write_text(run.spec.model_dump_json(by_alias=True))
         env = os.environ | {"PYTHONPATH": f"{REPO}:{REPO / 'api'}:{REPO / 'trainer'}"}
