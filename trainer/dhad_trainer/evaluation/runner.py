@@ -9,8 +9,9 @@ Log-likelihood is what makes the `loglikelihood` method cheap, and three things 
   few-shot examples) are grouped; the prefix goes through the model once per group, its KV cache is
   copied to each batch of the group's rows, and only the rows' own tokens are run on top of it;
 - rows are left-padded with explicit position ids, so every continuation ends at the last position
-  and only those logits are computed (`logits_to_keep`); rows are sorted by length so a batch pads
-  little.
+  and only those logits are computed (`logits_to_keep`); rows are sorted by length and a batch ends
+  early rather than pad more than PAD_SLACK of its tokens (question lengths are long-tailed: fixed
+  batches of 16 padded 35% of a 5-shot MMLU run's question tokens).
 Context and context+continuation are tokenized separately and the continuation is whatever follows
 their longest common token prefix, so a BPE merge across the boundary (the context's last characters
 joined to the continuation's first) is scored as part of the continuation instead of being lost or
@@ -34,6 +35,24 @@ Prompt = str | list[dict[str, str]]  # plain text, or chat messages rendered wit
 MIN_SHARED_PREFIX = 32  # tokens; below this a prefix pass costs more than it saves
 WINDOW_CHARS = 64  # characters of context tokenized with each continuation (see _pairs)
 SYNC_TOKENS = 8
+PAD_SLACK = 0.15  # padding a log-likelihood batch may add, as a share of its real tokens
+
+
+def padded_batches(lengths: Sequence[int], batch_size: int, slack: float = PAD_SLACK) -> list[range]:
+    """Consecutive batches of rows sorted longest first: at most `batch_size` rows, and a batch ends
+    before a row that would make its padding exceed `slack` of its tokens (a batch is as wide as its
+    first row)."""
+    batches: list[range] = []
+    start = 0
+    while start < len(lengths):
+        end, real = start + 1, lengths[start]
+        while end < len(lengths) and end - start < batch_size \
+                and (end - start + 1) * lengths[start] <= (1 + slack) * (real + lengths[end]):
+            real += lengths[end]
+            end += 1
+        batches.append(range(start, end))
+        start = end
+    return batches
 
 
 @dataclass
@@ -272,8 +291,8 @@ class HFModelRunner(TokenizedPrompts):
         out = [0.0] * len(requests)
         groups = self._groups(self._rows(requests))
         plain = sorted((r for p, m in groups if p == 0 for r in m), key=lambda r: -len(r.ids))
-        for b in range(0, len(plain), self.batch_size):
-            batch = plain[b : b + self.batch_size]
+        for span in padded_batches([len(r.ids) for r in plain], self.batch_size):
+            batch = plain[span.start : span.stop]
             ids, mask, pos = self._left_pad([r.ids for r in batch])
             self.stats["row_tokens"] += int(mask.sum())
             self._read(self._forward(ids, mask, pos, max(r.keep for r in batch)), ids, batch, out)
@@ -290,15 +309,22 @@ class HFModelRunner(TokenizedPrompts):
             lengths = p_mask.sum(-1)
             members = sorted(((k, row) for k, (_, m) in enumerate(chunk) for row in m),
                              key=lambda kr: -(len(kr[1].ids) - chunk[kr[0]][0]))
-            for b in range(0, len(members), self.batch_size):
-                batch = members[b : b + self.batch_size]
+            widths = [len(row.ids) - chunk[k][0] for k, row in members]
+            for span in padded_batches(widths, self.batch_size):
+                batch = members[span.start : span.stop]
                 which = torch.tensor([k for k, _ in batch], device=self.device)
                 tails = [row.ids[chunk[k][0] :] for k, row in batch]
                 ids, mask, pos = self._left_pad(tails)
                 self.stats["row_tokens"] += int(mask.sum())
                 pos = pos + lengths[which].unsqueeze(-1)
                 full_mask = torch.cat([p_mask[which], mask], dim=-1)
-                batch_cache = DynamicCache(ddp_cache_data=[(k[which], v[which]) for k, v in layers])
+                if len({k for k, _ in batch}) == 1:  # one group's rows (the usual case): a view, no copy
+                    one, n = batch[0][0], len(batch)
+                    data = [(k[one : one + 1].expand(n, -1, -1, -1), v[one : one + 1].expand(n, -1, -1, -1))
+                            for k, v in layers]
+                else:
+                    data = [(k[which], v[which]) for k, v in layers]
+                batch_cache = DynamicCache(ddp_cache_data=data)
                 logits = self._forward(ids, full_mask, pos, max(row.keep for _, row in batch), batch_cache)
                 self._read(logits, ids, [row for _, row in batch], out)
         return out
