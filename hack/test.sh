@@ -2,39 +2,61 @@
 # The whole test suite on a fresh or warm machine: venv, cached control-plane build, then pytest.
 # Under CI (CI=true) a skipped test fails the run: CI is green only when every test ran.
 # `--fast` (make test-fast): only the tests marked unit (no control plane, S3 server or torchrun), so
-# no control-plane build either, spread over the cores. Other arguments go to pytest.
+# no control-plane build either. With no arguments, the whole suite: the unit tests spread over the
+# cores, then the integration tests in one process. Other arguments go to pytest as one run.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$repo"
 start=$SECONDS
 ensure_venv
 echo "setup: venv ready in $((SECONDS - start)) s" >&2
-selection=()
+results="$(mktemp -d)"
+trap 'rm -rf "$results"' EXIT
+rc=0
+# One pytest run, its JUnit report kept for the skip check; the first failure's status is the script's.
+# Args: a name for the report, then the command's environment assignments and pytest's arguments.
+phase() {
+  local name="$1" code
+  shift
+  local assignments=()
+  while [ $# -gt 0 ] && [[ "$1" == *=* ]] && [[ "$1" != -* ]]; do assignments+=("$1"); shift; done
+  set +e
+  env ${assignments[@]+"${assignments[@]}"} "$venv/bin/python" -m pytest --junitxml="$results/$name.xml" "$@"
+  code=$?
+  set -e
+  if [ "$code" -eq 5 ]; then
+    echo "test: $name: pytest collected no tests; that is a failure" >&2
+    code=1
+  fi
+  [ "$rc" -ne 0 ] || rc=$code
+}
+# The unit tests (no control plane, S3 server or torchrun) run one pytest-xdist worker per core, each
+# torch on one thread: they are many small CPU-bound tests. The integration tests share session-wide
+# real parts (one control plane, one S3 server), so they run in one process.
+unit=(-m unit -n auto --dist worksteal)
+threads="OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"
 if [ "${1:-}" = "--fast" ]; then
   shift
-  # one worker per core (pytest-xdist), each on one thread: the unit tests are many small CPU-bound ones
-  selection=(-m unit -n auto --dist worksteal)
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  phase unit "$threads" "${unit[@]}" "$@"
 else
   bin="$(bash hack/build-control-plane.sh)"
   echo "setup: control plane in $bin ($((SECONDS - start)) s)" >&2
+  if [ $# -eq 0 ]; then  # the whole suite: the unit tests spread over the cores, then the rest
+    phase unit "$threads" "${unit[@]}"
+    echo "test: unit tests done at $((SECONDS - start)) s from the start of setup" >&2
+    phase integration -m integration
+  else  # a selection of the caller's: one run, as given
+    phase selection "$@"
+  fi
 fi
-results="$(mktemp -d)"
-trap 'rm -rf "$results"' EXIT
-set +e
-"$venv/bin/python" -m pytest --junitxml="$results/junit.xml" ${selection[@]+"${selection[@]}"} "$@"
-rc=$?
-set -e
 echo "test: pytest took $((SECONDS - start)) s from the start of setup" >&2
-if [ "$rc" -eq 5 ]; then
-  echo "test: pytest collected no tests; that is a failure" >&2
-  exit 1
-fi
 case "${CI:-}" in
   1|true|TRUE|True|yes)
-    if ! "$venv/bin/python" "$repo/hack/no_skips.py" "$results/junit.xml"; then
-      [ "$rc" -ne 0 ] || rc=1
-    fi
+    for report in "$results"/*.xml; do
+      if ! "$venv/bin/python" "$repo/hack/no_skips.py" "$report"; then
+        [ "$rc" -ne 0 ] || rc=1
+      fi
+    done
     ;;
 esac
 exit "$rc"
