@@ -494,10 +494,14 @@ class Kube:
             finally:
                 os._exit(137)
         result = self.rest.request(method, path, query, body, verb=verb, content_type=content_type)
-        if self._crash and self._count("after-writes"):
-            log.warning("test hook: exiting after a write (%s %s)", method, path)
-            os._exit(137)
+        self._written(f"{method} {path}")
         return result
+
+    def _written(self, what: str) -> None:
+        """The test hook's "after-writes" moment counts the writes that took effect."""
+        if self._crash and self._count("after-writes"):
+            log.warning("test hook: exiting after a write (%s)", what)
+            os._exit(137)
 
     def _count(self, what: str | None) -> bool:
         """True when the test hook's moment has come."""
@@ -531,6 +535,7 @@ class Kube:
             ours = managed_by_us(existing)
         if ours:
             self._remember(cached_as or kind, existing)  # ours: the answer to an earlier create was lost
+            self._written(f"POST {resource.path(meta['namespace'])} (409: an earlier try, its answer lost, made it)")
             return None
         ref = next((r for r in existing["metadata"].get("ownerReferences") or [] if r.get("controller")), {})
         return Rejection(409, f"{kind} {meta['name']} exists", owner_description(kind, existing), (ref.get("kind"), ref.get("uid")))

@@ -118,3 +118,40 @@ def test_a_background_create_the_apiserver_could_not_answer_wakes_the_job_with_b
     kube, woken, done = first_reconcile(Recording({"RoleBinding": ApiError(503, "ServiceUnavailable", "try later")}))
     assert done.wait(5) and woken == [(("SFTJob", "ml", "tiny-sft"), True)]
     assert kube.refused_in_background(UID) == {}
+
+
+class LostAnswer:
+    """The first POST takes effect but its answer is lost (a client timeout, code 0); later POSTs of the
+    same name answer 409, and GETs return what the first one made."""
+
+    def __init__(self):
+        self.made, self.calls = None, []
+
+    def request(self, method, path, query=None, body=None, verb=None, timeout=None, content_type=None):
+        self.calls.append((method, path))
+        if method == "POST":
+            if self.made is None:
+                self.made = stored(body)
+                raise ApiError(0, "Timeout", "read timed out")
+            raise ApiError(409, "AlreadyExists", "already exists")
+        return self.made
+
+
+def test_the_crash_hook_counts_a_create_whose_answer_was_lost(monkeypatch):
+    """The chaos test's "exit after k writes" counts writes that took effect. A create that timed out on
+    a loaded machine but was made, found by the retry's 409, is one of them; uncounted, the operator
+    outlived its moment and made the Job one write late (seen: after-writes:3 with the Job made)."""
+    exits = []
+    monkeypatch.setattr("dhad_operator.k8s.os._exit", exits.append)
+    obj = job_obj()
+    owner = Owner("SFTJob", obj["metadata"]["name"], "ml", UID)
+    config_map = static_children(owner, parse_spec("SFTJob", obj["spec"]), {})[0]
+    kube = Kube(LostAnswer(), crash="after-writes:1")
+    try:
+        kube.create(config_map, UID)
+    except ApiError as error:
+        assert error.code == 0
+    assert exits == []
+    assert kube.create(config_map, UID) is None  # the retry: 409, ours by the controller UID
+    assert exits == [137]
+    assert kube.cached("ConfigMap", "ml", config_map["metadata"]["name"])["metadata"]["uid"] == "uid-stored"
