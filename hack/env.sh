@@ -5,11 +5,6 @@ export UV_CACHE_DIR="${UV_CACHE_DIR:-$DHAD_CACHE/uv}"
 export HF_HOME="${HF_HOME:-$DHAD_CACHE/hf}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TOKENIZERS_PARALLELISM=false
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# Bytecode is cached outside the clone (the clone stays clean, which is why machines set
-# PYTHONDONTWRITEBYTECODE): without it every process recompiles the project and the tests (seen: test
-# collection 19 s, 11 s with the cache), and the suite starts hundreds of Python processes.
-export PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-$DHAD_CACHE/pycache}"
-unset PYTHONDONTWRITEBYTECODE
 UV_VERSION=0.13.8
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$repo/.venv"
