@@ -35,8 +35,9 @@ phase() {
 # real parts (one control plane, one S3 server), so they run in one process.
 # Their bytecode is cached outside the clone (machines that set PYTHONDONTWRITEBYTECODE keep clones
 # clean; without a cache every worker recompiles the project and the tests: collection 19 s, 11 s cached).
-# Only for them: with it on for the whole suite, test_operator_chaos failed at after-writes:3 in both full
-# runs of session 7 (its operators start faster); it had passed in every earlier run, all without it.
+# Only for them, for now: with it on for the whole suite, both full runs of session 7 failed (the chaos
+# test's assertion of an order the operator does not promise, since fixed; a SeaweedFS leader hiccup and
+# the PPO reward-rise test once), and every earlier run, all without it, had passed.
 unit=(-m unit -n auto --dist worksteal)
 threads="OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"
 bytecode=(PYTHONDONTWRITEBYTECODE= "PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$DHAD_CACHE/pycache}")
