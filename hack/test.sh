@@ -14,14 +14,12 @@ results="$(mktemp -d)"
 trap 'rm -rf "$results"' EXIT
 rc=0
 # One pytest run, its JUnit report kept for the skip check; the first failure's status is the script's.
-# Args: a name for the report, then the command's environment assignments and pytest's arguments.
+# Args: a name for the report, then pytest's arguments.
 phase() {
   local name="$1" code
   shift
-  local assignments=()
-  while [ $# -gt 0 ] && [[ "$1" == *=* ]] && [[ "$1" != -* ]]; do assignments+=("$1"); shift; done
   set +e
-  env ${assignments[@]+"${assignments[@]}"} "$venv/bin/python" -m pytest --junitxml="$results/$name.xml" "$@"
+  "$venv/bin/python" -m pytest --junitxml="$results/$name.xml" "$@"
   code=$?
   set -e
   if [ "$code" -eq 5 ]; then
@@ -31,24 +29,24 @@ phase() {
   [ "$rc" -ne 0 ] || rc=$code
 }
 # The unit tests (no control plane, S3 server or torchrun) run one pytest-xdist worker per core, each
-# torch on one thread: they are many small CPU-bound tests. The integration tests share session-wide
-# real parts (one control plane, one S3 server), so they run in one process.
-# Their bytecode is cached outside the clone (machines that set PYTHONDONTWRITEBYTECODE keep clones
-# clean; without a cache every worker recompiles the project and the tests: collection 19 s, 11 s cached).
-# Only for them, for now: with it on for the whole suite, both full runs of session 7 failed (the chaos
-# test's assertion of an order the operator does not promise, since fixed; a SeaweedFS leader hiccup and
-# the PPO reward-rise test once), and every earlier run, all without it, had passed.
-unit=(-m unit -n auto --dist worksteal)
-threads="OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"
-bytecode=(PYTHONDONTWRITEBYTECODE= "PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$DHAD_CACHE/pycache}")
+# torch on one thread: they are many small CPU-bound tests. Their bytecode is cached outside the clone:
+# machines that set PYTHONDONTWRITEBYTECODE keep clones clean, and without a cache every worker
+# recompiles the project and the tests (collection 19 s, 11 s cached). The integration tests share
+# session-wide real parts (one control plane, one S3 server), so they run in one process, without the
+# cache (with it, two full runs failed integration tests that had always passed; not understood).
+unit_phase() {
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONDONTWRITEBYTECODE= \
+    PYTHONPYCACHEPREFIX="${PYTHONPYCACHEPREFIX:-$DHAD_CACHE/pycache}" \
+    phase unit -m unit -n auto --dist worksteal "$@"
+}
 if [ "${1:-}" = "--fast" ]; then
   shift
-  phase unit "$threads" "${bytecode[@]}" "${unit[@]}" "$@"
+  unit_phase "$@"
 else
   bin="$(bash hack/build-control-plane.sh)"
   echo "setup: control plane in $bin ($((SECONDS - start)) s)" >&2
   if [ $# -eq 0 ]; then  # the whole suite: the unit tests spread over the cores, then the rest
-    phase unit "$threads" "${bytecode[@]}" "${unit[@]}"
+    unit_phase
     echo "test: unit tests done at $((SECONDS - start)) s from the start of setup" >&2
     phase integration -m integration
   else  # a selection of the caller's: one run, as given
