@@ -175,10 +175,10 @@ def _from_schema(schema: dict, depth: int = 0) -> st.SearchStrategy:
             {k: _from_schema(schema["properties"][k], depth + 1) for k in required},
             optional={k: _from_schema(schema["properties"][k], depth + 1) for k in optional} if depth < 4 else {},
         )
-        pairs = _field_pairs(schema)
-        if not any(pairs.values()):
+        exactly, at_most = _presence_rules(schema)
+        if not exactly and not at_most:
             return fields
-        return _with_pairs(fields, pairs, schema["properties"], depth)
+        return _kept_to_rules(fields, exactly, at_most, schema["properties"], depth)
     return st.just({})
 
 
@@ -186,22 +186,23 @@ EXACTLY_ONE = re.compile(r"^has\(self\.(\w+)\) != has\(self\.(\w+)\)$")
 AT_MOST_ONE = re.compile(r"^!\(has\(self\.(\w+)\) && has\(self\.(\w+)\)\)$")
 
 
-def _field_pairs(schema: dict) -> dict[str, list[tuple[str, str]]]:
-    """The object's CEL rules over two fields' presence ("exactly one of", "at most one of"): drawn as the
-    rule says rather than drawn blind and redrawn (blind, nearly every SFTJob broke one: 200 of 200)."""
+def _presence_rules(schema: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The object's CEL rules over two fields' presence, as (exactly one of, at most one of) pairs: drawn
+    as the rule says rather than drawn blind and redrawn (blind, nearly every SFTJob broke one: 200 of 200)."""
     rules = [r["rule"] for r in schema.get("x-kubernetes-validations", [])]
-    return {name: [m.groups() for m in map(pattern.match, rules) if m]
-            for name, pattern in (("exactly", EXACTLY_ONE), ("at_most", AT_MOST_ONE))}
+    return ([m.groups() for m in map(EXACTLY_ONE.match, rules) if m],
+            [m.groups() for m in map(AT_MOST_ONE.match, rules) if m])
 
 
-def _with_pairs(fields: st.SearchStrategy, pairs: dict, properties: dict, depth: int) -> st.SearchStrategy:
+def _kept_to_rules(fields: st.SearchStrategy, exactly: list, at_most: list, properties: dict,
+                   depth: int) -> st.SearchStrategy:
     @st.composite
     def draw(d):
         value = d(fields)
-        for a, b in pairs["exactly"] + pairs["at_most"]:
+        for a, b in exactly + at_most:
             if a in value and b in value:
                 value.pop(d(st.sampled_from((a, b))))
-        for a, b in pairs["exactly"]:
+        for a, b in exactly:
             if a not in value and b not in value:
                 key = d(st.sampled_from((a, b)))
                 value[key] = d(_from_schema(properties[key], depth + 1))
