@@ -18,6 +18,14 @@ Each measurement runs `--repeats` times, interleaved, best kept.
 
     .venv/bin/python bench/eval_speed.py [--items 64] [--shots 0,5] [--judge-latency 1.0]
 
+The defaults are a quick, limited run: 16 questions per subject share each prefix, and a 256-wide model
+spends much of its time in attention, where a question's tokens (attending over the whole prefix) cost
+more than a prompt's. A full MMLU run has 246 questions per subject, and real models are far wider, so
+their cost follows token slots; closer to that, on a CPU:
+
+    .venv/bin/python bench/eval_speed.py --skip judging --tokenizer tiny --shots 5 \
+        --per-subject 246 --items 492 --hidden-size 512 --repeats 1
+
 Without --model two tiny random Llamas are built in a temporary folder: one with dhad init-model's
 tokenizer (the project's own), which has no " A" token, so each letter is a 2-token continuation; and
 one whose tokenizer, like real ones, encodes " A".." D" as one token.
