@@ -20,8 +20,8 @@ Each measurement runs `--repeats` times, interleaved, best kept.
 
 The defaults are a quick, limited run: 16 questions per subject share each prefix, and a 256-wide model
 spends much of its time in attention, where a question's tokens (attending over the whole prefix) cost
-more than a prompt's. A full MMLU run has 246 questions per subject, and real models are far wider, so
-their cost follows token slots; closer to that, on a CPU:
+more than a prompt's. A full MMLU run has 246 questions per subject, and real models are far wider, with
+the linear layers' share of the cost (which follows token slots) larger. Closer to that, on a CPU:
 
     .venv/bin/python bench/eval_speed.py --skip judging --tokenizer tiny --shots 5 \
         --per-subject 246 --items 492 --hidden-size 512 --repeats 1
