@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from .pki import Pki, issue_client_cert, make_pki
-from .processes import Process, free_port
+from .processes import Process, free_port, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "hack" / "build-control-plane.sh"
@@ -83,7 +83,7 @@ class ControlPlane:
         return self
 
     def _start_etcd(self, logs: Path) -> None:
-        client, peer = free_port(), free_port()
+        client, peer = free_ports(2)
         self.etcd_url = f"http://127.0.0.1:{client}"
         etcd = Process(
             "etcd",

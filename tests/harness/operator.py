@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 from .controlplane import ControlPlane
-from .processes import Process, free_port
+from .processes import Process, free_ports
 
 
 def start_operator(cp: ControlPlane, log_dir: Path, name: str = "dhad-operator", extra_env: dict | None = None,
@@ -18,7 +18,7 @@ def start_operator(cp: ControlPlane, log_dir: Path, name: str = "dhad-operator",
 
     The safety-net resync is ten minutes, so a test that passes shows the event or timer that woke the
     job, never a periodic poll."""
-    metrics_port, health_port = free_port(), free_port()
+    metrics_port, health_port = free_ports(2)
     env = {
         "KUBECONFIG": str(kubeconfig or cp.kubeconfig),
         "DHAD_METRICS_PORT": str(metrics_port),

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dhad_trainer.storage.embedded_s3 import free_port  # noqa: F401 - re-exported for the harness
+from dhad_trainer.storage.embedded_s3 import free_port, free_ports  # noqa: F401 - re-exported for the harness
 
 
 def log_tail(path: Path, lines: int = 40) -> str:
