@@ -140,7 +140,9 @@ def test_batched_loglikelihood_matches_unpadded_forward(tiny) -> None:
 
 def test_shared_prefix_is_computed_once_and_scores_the_same(tiny) -> None:
     """Few-shot prompts of one subject share a long prefix: with the prefix cache each group's prefix goes
-    through the model once, and every score equals an unpadded forward of the whole sequence."""
+    through the model once, and every score equals an unpadded forward of the whole sequence, whether the
+    rows attend to the prefix split from their own tokens (the default on a CPU; the model has
+    grouped-query attention and the rows differ in length) or through a per-row copy of its KV cache."""
     model, tok = tiny
     shots = "فيما يلي أسئلة الاختيار من متعدد (مع الإجابات) حول علم الأحياء\n\n" + "".join(
         f"سؤال: {s}\nإجابة: ب\n\n" for s in SENTENCES[:4]
@@ -166,6 +168,9 @@ def test_shared_prefix_is_computed_once_and_scores_the_same(tiny) -> None:
     assert len(groups) == 2 and len(set(groups)) == 2  # two subjects, two prefix lengths, one prefix pass
     assert cached.stats["prefix_tokens"] >= prefix_len  # the five questions' prefix was run once...
     assert cached.stats["prefix_tokens"] + cached.stats["row_tokens"] < plain.stats["row_tokens"] * 0.6  # ...not 5x
+    copied = HFModelRunner(model, tok, batch_size=4, split_attention=False)
+    assert copied.loglikelihood(requests) == pytest.approx(got, abs=1e-5)
+    assert cached.stats["shared_prefix_batches"] > 0 and copied.stats["shared_prefix_batches"] == 0
     single = [(shots + "سؤال: س\nإجابة:", f" {x}") for x in "ABCD"]
     one = HFModelRunner(model, tok, batch_size=8, prefix_cache=False)
     one.loglikelihood(single)

@@ -6,8 +6,10 @@ Log-likelihood is what makes the `loglikelihood` method cheap, and three things 
   and each reads its last token's log-probability off the row's final position (the four letters of a
   question are one row even when " A" is two tokens, since " " then "A".."D" differ only at the end);
 - a shared prefix computed once: rows that begin with the same long run of tokens (a subject's
-  few-shot examples) are grouped; the prefix goes through the model once per group, its KV cache is
-  copied to each batch of the group's rows, and only the rows' own tokens are run on top of it;
+  few-shot examples) are grouped; the prefix goes through the model once per group, and only the rows'
+  own tokens are run on top of its KV cache. On a CPU the rows attend to the prefix and to their own
+  tokens in two parts merged exactly (`shared_prefix_attention`), so the prefix is neither copied per
+  row nor masked; elsewhere its cache is copied to each batch of the group's rows;
 - rows are left-padded with explicit position ids, so every continuation ends at the last position
   and only those logits are computed (`logits_to_keep`); rows are sorted by length and a batch ends
   early rather than pad more than PAD_SLACK of its tokens (question lengths are long-tailed: fixed
@@ -20,10 +22,11 @@ double counted.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,16 +145,19 @@ class HFModelRunner(TokenizedPrompts):
         max_length: int | None = None,
         chat_template: bool = False,
         prefix_cache: bool = True,
+        split_attention: bool = True,
     ) -> None:
         length = max_length or int(getattr(model.config, "max_position_embeddings", 4096))
         super().__init__(tokenizer, chat_template=chat_template, max_length=length)
         self.model = model.eval()
         self.batch_size = batch_size
         self.prefix_cache = prefix_cache and _full_attention_only(model)
+        self.split_attention = split_attention and self.prefix_cache and self.device.type == "cpu" \
+            and _attention_modules_take_kwargs(model)
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token  # generation needs some pad id; masked out anyway
-        self.stats = {"forwards": 0, "prefix_tokens": 0, "row_tokens": 0}
+        self.stats = {"forwards": 0, "prefix_tokens": 0, "row_tokens": 0, "shared_prefix_batches": 0}
 
     @classmethod
     def from_pretrained(
@@ -266,9 +272,10 @@ class HFModelRunner(TokenizedPrompts):
             groups.append((len(row.ids) - row.keep, [row]))
         return [(shared if len(members) > 1 else 0, members) for shared, members in groups]
 
-    def _forward(self, ids, mask, pos, keep: int, cache=None):
+    def _forward(self, ids, mask, pos, keep: int, cache=None, **kw: Any):
         self.stats["forwards"] += 1
-        kw = {self._cache_kw: cache} if cache is not None else {}
+        if cache is not None:
+            kw[self._cache_kw] = cache
         return self.model(
             input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=cache is not None, **kw
         ).logits
@@ -317,15 +324,24 @@ class HFModelRunner(TokenizedPrompts):
                 ids, mask, pos = self._left_pad(tails)
                 self.stats["row_tokens"] += int(mask.sum())
                 pos = pos + lengths[which].unsqueeze(-1)
-                full_mask = torch.cat([p_mask[which], mask], dim=-1)
-                if len({k for k, _ in batch}) == 1:  # one group's rows (the usual case): a view, no copy
-                    one, n = batch[0][0], len(batch)
-                    data = [(k[one : one + 1].expand(n, -1, -1, -1), v[one : one + 1].expand(n, -1, -1, -1))
-                            for k, v in layers]
+                keep = max(row.keep for _, row in batch)
+                if self.split_attention:
+                    prefixes = [k for k, _ in batch]
+                    groups = [(torch.tensor([r for r, kk in enumerate(prefixes) if kk == k], device=self.device),
+                               k, int(lengths[k])) for k in dict.fromkeys(prefixes)]
+                    self.stats["shared_prefix_batches"] += 1
+                    with _attention_implementation(self.model, SHARED_PREFIX_ATTENTION):
+                        logits = self._forward(ids, None, pos, keep,
+                                               dhad_shared_prefix=SharedPrefix(layers, groups, mask))
                 else:
-                    data = [(k[which], v[which]) for k, v in layers]
-                batch_cache = DynamicCache(ddp_cache_data=data)
-                logits = self._forward(ids, full_mask, pos, max(row.keep for _, row in batch), batch_cache)
+                    if len(set(prefixes := [k for k, _ in batch])) == 1:  # a view, no copy (DynamicCache copies it once)
+                        one = prefixes[0]
+                        data = [(k[one : one + 1].expand(len(batch), -1, -1, -1),
+                                 v[one : one + 1].expand(len(batch), -1, -1, -1)) for k, v in layers]
+                    else:
+                        data = [(k[which], v[which]) for k, v in layers]
+                    full_mask = torch.cat([p_mask[which], mask], dim=-1)
+                    logits = self._forward(ids, full_mask, pos, keep, DynamicCache(ddp_cache_data=data))
                 self._read(logits, ids, [row for _, row in batch], out)
         return out
 
@@ -345,6 +361,79 @@ def _full_attention_only(model: Any) -> bool:
         return False
     types = getattr(config, "layer_types", None)
     return not types or all(t == "full_attention" for t in types)
+
+
+SHARED_PREFIX_ATTENTION = "dhad_shared_prefix"
+
+
+@dataclass
+class SharedPrefix:
+    """What shared-prefix attention reads besides the rows' own tokens: per layer, the keys and values of
+    a pass over several left-padded prefixes, (prefixes, kv heads, positions, head dim); per prefix, the
+    rows that follow it and its length; and the rows' left-padded mask, (rows, tokens)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    groups: list[tuple[torch.Tensor, int, int]]  # (row indices, prefix index, prefix length)
+    mask: torch.Tensor
+
+
+def shared_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                            dhad_shared_prefix: SharedPrefix | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention of rows over the prefix each follows, without a copy of a prefix per row or a mask over it.
+    Every real token of a row sees its whole prefix: that part is one pass of all the queries of a
+    prefix's rows over the prefix's keys. Its own row's tokens it sees causally. Both parts come with
+    their log-sum-exps, and softmax over the union is their weighted sum, exact up to rounding:
+    out = e^(lse_p - lse) out_p + e^(lse_t - lse) out_t, lse = log(e^lse_p + e^lse_t).
+    The CPU flash kernel returns the log-sum-exp (public SDPA does not), hence CPU only."""
+    assert dhad_shared_prefix is not None, "shared-prefix attention needs dhad_shared_prefix"
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    prefix_keys, prefix_values = dhad_shared_prefix.layers[module.layer_idx]
+    rows, heads, tokens, dim = query.shape
+    groups = heads // key.shape[1]  # grouped-query attention: each kv head serves `groups` query heads
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    out_p = torch.empty_like(query)
+    lse_p = torch.empty(rows, heads, tokens, dtype=torch.float32, device=query.device)
+    for members, index, length in dhad_shared_prefix.groups:
+        keys, values = prefix_keys[index : index + 1, :, -length:], prefix_values[index : index + 1, :, -length:]
+        if groups > 1:
+            keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+        n = len(members)
+        queries = query[members].transpose(0, 1).reshape(1, heads, n * tokens, dim)
+        out, lse = flash(queries, keys, values, scale=scaling)
+        out_p[members] = out.reshape(heads, n, tokens, dim).transpose(0, 1)
+        lse_p[members] = lse.reshape(heads, n, tokens).transpose(0, 1).float()
+    real = dhad_shared_prefix.mask.bool()
+    seen = torch.ones(tokens, tokens, dtype=torch.bool, device=query.device).tril() & real[:, None, :]
+    seen |= torch.eye(tokens, dtype=torch.bool, device=query.device)  # a padding query sees itself: no empty row
+    bias = torch.zeros(seen.shape, dtype=query.dtype, device=query.device).masked_fill_(~seen, float("-inf"))
+    out_t, lse_t = flash(query, key, value, attn_mask=bias.unsqueeze(1), scale=scaling)
+    lse = torch.logaddexp(lse_p, lse_t.float())
+    out = torch.exp(lse_p - lse).unsqueeze(-1) * out_p + torch.exp(lse_t - lse).unsqueeze(-1) * out_t
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _attention_implementation(model: Any, name: str) -> Iterator[None]:
+    """The model's attention layers run the registered `name` inside the block (they read it from the
+    config at each call)."""
+    from transformers import AttentionInterface
+
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, shared_prefix_attention)
+    saved, model.config._attn_implementation = model.config._attn_implementation, name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = saved
+
+
+def _attention_modules_take_kwargs(model: Any) -> bool:
+    """Shared-prefix attention reaches the attention function through the forward's **kwargs, and needs
+    each attention module's layer index: transformers' own decoder models pass both."""
+    modules = [m for n, m in model.named_modules() if n.endswith("self_attn")]
+    return bool(modules) and all(isinstance(getattr(m, "layer_idx", None), int) for m in modules)
 
 
 def vllm_available() -> bool:
