@@ -16,15 +16,12 @@
 
 Each measurement runs `--repeats` times, interleaved, best kept.
 
-    .venv/bin/python bench/eval_speed.py [--items 64] [--shots 0,5] [--judge-latency 1.0]
+    .venv/bin/python bench/eval_speed.py [--items 492] [--per-subject 246] [--shots 0,5] [--judge-latency 1.0]
 
-The defaults are a quick, limited run: 16 questions per subject share each prefix, and a 256-wide model
-spends much of its time in attention, where a question's tokens (attending over the whole prefix) cost
-more than a prompt's. A full MMLU run has 246 questions per subject, and real models are far wider, with
-the linear layers' share of the cost (which follows token slots) larger. Closer to that, on a CPU:
-
-    .venv/bin/python bench/eval_speed.py --skip judging --tokenizer tiny --shots 5 \
-        --per-subject 246 --items 492 --hidden-size 512 --repeats 1
+The defaults have the shape of a full MMLU run: 246 questions per subject (its average) share each
+subject's prefix, over two subjects. Fewer per subject (`--per-subject 16 --items 64`, a quick check)
+understate the sharing: at 16 the 5-shot token slots of log-likelihood are a quarter of generation's,
+at 246 a sixth, and the ratio follows them.
 
 Without --model two tiny random Llamas are built in a temporary folder: one with dhad init-model's
 tokenizer (the project's own), which has no " A" token, so each letter is a 2-token continuation; and
@@ -169,8 +166,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", choices=["tiny", "letters", "both"], default="both",
                     help="tiny: dhad init-model's tokenizer; letters: one with single-token ' A'..' D'")
     ap.add_argument("--benchmarks", default=str(BENCH))
-    ap.add_argument("--items", type=int, default=64, help="arabic-mmlu questions")
-    ap.add_argument("--per-subject", type=int, default=16,
+    ap.add_argument("--items", type=int, default=492, help="arabic-mmlu questions")
+    ap.add_argument("--per-subject", type=int, default=246,
                     help="questions per subject (they share its few-shot prefix; a full run has 246 on average)")
     ap.add_argument("--shots", default="0,5", help="dev examples per prompt, comma-separated (AceGPT: 0 chat, 5 base)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -178,7 +175,7 @@ def main() -> None:
                     help="random model width: wide enough that a forward costs its tokens, as in real models, "
                          "rather than Python overhead (the 64-wide test model measures mostly overhead)")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default=None)
     ap.add_argument("--judge-questions", type=int, default=16)
     ap.add_argument("--judge-latency", type=float, default=1.0, help="seconds per judge request")
