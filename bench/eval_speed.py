@@ -7,7 +7,8 @@
    all 10 tokens and overstates the speed-up; here its forward pass is wrapped so that, once the
    answer's tokens are out, the next token is the end token (`StopAfterAnswer`). `--never-stops` adds
    the never-stopping run, for comparison with older figures. Batched generation (same stopping) is the
-   stronger baseline and is printed beside it. Forward passes and token slots (tokens run through the
+   stronger baseline and is printed beside it, and so is log-likelihood with the prefix's KV cache copied
+   to each row instead of shared-prefix attention (on a CPU). Forward passes and token slots (tokens run through the
    model, padding included) do not depend on how busy the machine is.
 2. Open-ended judging: judgements/s of the scoring judge (AceGPT's 1-10 prompt, both positions) and of
    the pairwise judge at concurrency 16 vs 1, through the real code path (judge_scores /
@@ -97,21 +98,23 @@ def measure(model_dir: str, shots: int, args: argparse.Namespace):
     base.model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].numel()), with_kwargs=True)
     letter_tokens = len(base.tok(" A", add_special_tokens=False)["input_ids"])
     stopper = StopAfterAnswer(base.model, base.tok.eos_token_id, letter_tokens)
-    setups = {  # name: (method, batch, stops after its answer)
-        "loglikelihood, batched": (LOGLIKELIHOOD, args.batch_size, False),
-        "generate, per question": (GENERATE, 1, True),
-        "generate, batched": (GENERATE, args.batch_size, True),
+    setups = {  # name: (method, batch, stops after its answer, runner options)
+        "loglikelihood, batched": (LOGLIKELIHOOD, args.batch_size, False, {}),
+        "loglikelihood, prefix KV copied": (LOGLIKELIHOOD, args.batch_size, False, {"split_attention": False}),
+        "generate, per question": (GENERATE, 1, True, {}),
+        "generate, batched": (GENERATE, args.batch_size, True, {}),
     }
     if args.never_stops:  # the old, unfair baseline, for comparison with earlier figures
-        setups["generate, per question, never stops"] = (GENERATE, 1, False)
+        setups["generate, per question, never stops"] = (GENERATE, 1, False, {})
     best = dict.fromkeys(setups, float("inf"))
     forwards = {}
-    for method, batch, stops in setups.values():  # warm-up
+    for method, batch, stops, options in setups.values():  # warm-up
         stopper.active = stops
-        score_suite(items[:2], HFModelRunner(base.model, base.tok, batch_size=batch), method, dev=dev, k_shot=1)
+        score_suite(items[:2], HFModelRunner(base.model, base.tok, batch_size=batch, **options), method, dev=dev,
+                    k_shot=1)
     for _ in range(args.repeats):
-        for name, (method, batch, stops) in setups.items():
-            runner = HFModelRunner(base.model, base.tok, batch_size=batch)
+        for name, (method, batch, stops, options) in setups.items():
+            runner = HFModelRunner(base.model, base.tok, batch_size=batch, **options)
             stopper.active = stops
             calls.clear()
             start = time.perf_counter()
@@ -207,6 +210,8 @@ def main() -> None:
                           f"{ll / qps['generate, per question']:.1f}x (goal >= 5x)")
                     print(f"  ratio loglikelihood / batched generation (stops after its answer):      "
                           f"{ll / qps['generate, batched']:.1f}x")
+                    print(f"  ratio loglikelihood / the same with the prefix KV copied per row:        "
+                          f"{ll / qps['loglikelihood, prefix KV copied']:.2f}x")
     if "judging" not in args.skip:
         judging(args)
 
