@@ -8,6 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 UV_VERSION=0.13.8
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$repo/.venv"
+site_packages="$venv/lib/python3.11/site-packages"  # ensure_venv makes the venv with Python 3.11
 
 # DeepSpeed compiles its ops (cpu_adam, fused_adam, shm comm) at first use, 1-2 min each on 2 cores:
 # they are cached outside the clone, one folder per Python/torch/DeepSpeed version and venv. torch's JIT
@@ -15,7 +16,7 @@ venv="$repo/.venv"
 # sources, so clones or worktrees sharing one folder rebuilt each other's ops on every run (seen: 113 s
 # in one test's setup). Versions come from the venv's metadata (no Python start-up).
 torch_extensions_dir() {
-  local site="$venv/lib/python3.11/site-packages" torch deepspeed where
+  local site="$site_packages" torch deepspeed where
   torch="$(cd "$site" 2>/dev/null && ls -d torch-*.dist-info 2>/dev/null | head -1)"
   deepspeed="$(cd "$site" 2>/dev/null && ls -d deepspeed-*.dist-info 2>/dev/null | head -1)"
   torch="${torch#torch-}"; deepspeed="${deepspeed#deepspeed-}"
@@ -35,7 +36,7 @@ export TORCH_EXTENSIONS_DIR="${DHAD_USER_TORCH_EXTENSIONS_DIR:-$(torch_extension
 # that do not compile (a few Python 2 examples in packages) are left as they are: importing one
 # would fail either way. The project's own sources are not compiled: clones stay clean.
 compile_site_packages() {
-  local site="$venv/lib/python3.11/site-packages" stamp="$venv/.dhad-bytecode" installed
+  local site="$site_packages" stamp="$venv/.dhad-bytecode" installed
   installed="$(cd "$site" && ls -d -- *.dist-info | sha256sum | cut -c1-16)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$installed" ]; then
     echo "setup: compiling the venv's packages to bytecode (once per install)" >&2
